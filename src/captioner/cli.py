@@ -1,0 +1,143 @@
+"""The `captioner` command. Imports stay inside each command so that `captioner --help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from captioner import __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, KeyError, OSError) as e:
+        # Our errors (DataError, ImageError, CheckpointError, ...) carry the file and what is wrong.
+        print(f"captioner: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="captioner", description="Image captioning: caption, train, evaluate.")
+    p.add_argument("--version", action="version", version=f"captioner {__version__}")
+    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+
+    c = sub.add_parser("caption", help="caption images (files or folders)")
+    c.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    c.add_argument("--model", default=None, help="checkpoint directory or bundled model name")
+    c.add_argument("--beam-size", type=int, default=3)
+    c.add_argument("--n-best", type=int, default=1)
+    c.add_argument("--length-penalty", type=float, default=0.0)
+    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--format", choices=["text", "jsonl"], default="text")
+    c.set_defaults(run=_caption)
+
+    d = sub.add_parser("data", help="data set tools")
+    dsub = d.add_subparsers(title="data commands", metavar="COMMAND")
+    di = dsub.add_parser("inspect", help="detect a data set's layout and print what it holds")
+    di.add_argument("root")
+    di.add_argument("--skip-missing", action="store_true", help="skip images listed but missing on disk")
+    di.add_argument("--json", action="store_true", help="print the summary as JSON")
+    di.set_defaults(run=_data_inspect)
+
+    e = sub.add_parser("extract-features", help="cache encoder features of a data set's images")
+    e.add_argument("root", help="data set directory")
+    e.add_argument("--encoder", default="efficientnet_lite2")
+    e.add_argument("--out", required=True, help="feature cache directory")
+    e.add_argument("--resize", choices=["squash", "crop"], default=None, help="override the resize mode")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--workers", type=int, default=1)
+    e.add_argument("--skip-missing", action="store_true")
+    e.set_defaults(run=_extract)
+
+    t = sub.add_parser("train", help="train a captioning model")
+    t.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5 decoder.name=merge")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
+    t.set_defaults(run=_train)
+
+    v = sub.add_parser("evaluate", help="score a model on a data set split with the coco-caption metrics")
+    v.add_argument("root")
+    v.add_argument("--split", default="test")
+    v.add_argument("--model", default=None)
+    v.add_argument("--beam-size", type=int, default=3)
+    v.add_argument("--length-penalty", type=float, default=0.0)
+    v.add_argument("--batch-size", type=int, default=32)
+    v.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
+    v.add_argument("--features", default=None, help="feature cache of the model's encoder (faster)")
+    v.add_argument("--output", default=None, help="JSON file for the scores and every generated caption")
+    v.add_argument("--skip-missing", action="store_true")
+    v.set_defaults(run=_evaluate)
+    return p
+
+
+def _data_inspect(args: argparse.Namespace) -> int:
+    from captioner.data import format_summary, load_dataset
+
+    summary = load_dataset(args.root, skip_missing=args.skip_missing).summary()
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    import dataclasses
+    import time
+
+    from captioner.data import load_dataset
+    from captioner.encoders import create_encoder
+    from captioner.features import extract_features, image_key
+
+    data = load_dataset(args.root, skip_missing=args.skip_missing)
+    encoder = create_encoder(args.encoder)
+    if args.resize:
+        encoder.preprocess = dataclasses.replace(encoder.preprocess, resize=args.resize)
+    paths = [ex.image for ex in data.examples]
+    keys = [image_key(p, data.root) for p in paths]
+    start = time.perf_counter()
+    result = extract_features(paths, keys, encoder, args.out, batch_size=args.batch_size, num_workers=args.workers)
+    seconds = time.perf_counter() - start
+    for message in result["errors"]:
+        print(f"error: {message}", file=sys.stderr)
+    print(f"{result['encoded']:,} of {result['total']:,} images encoded ({result['failed']} failed) into {args.out}; "
+          f"grid {result['grid_shape']}; this run {seconds:.0f} s")
+    return 1 if result["failed"] else 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from captioner.config import load_config
+    from captioner.train import train
+
+    config = load_config(args.config, args.overrides)
+    train(config, resume=args.resume)
+    return 0
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from captioner.inference import caption_paths
+
+    return caption_paths(args.paths, model=args.model, beam_size=args.beam_size, n_best=args.n_best,
+                         length_penalty=args.length_penalty, batch_size=args.batch_size, fmt=args.format)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from captioner.evaluate import evaluate_model
+
+    evaluate_model(args.root, split=args.split, model=args.model, beam_size=args.beam_size,
+                   length_penalty=args.length_penalty, batch_size=args.batch_size, limit=args.limit,
+                   features=args.features, output=Path(args.output) if args.output else None,
+                   skip_missing=args.skip_missing)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Typed training configuration: dataclasses, loaded from YAML, overridable with `section.key=value`."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    root: str = "../shared/flickr8k"      # data set directory (any layout `captioner data inspect` reads)
+    features: str | None = None           # feature cache of the encoder; None trains on images
+    train_split: str = "train"
+    val_split: str = "val"
+    val_images: int = 0                   # validate on the first N images of val_split (0 = all)
+    min_count: int = 5                    # vocabulary: words seen fewer times become <unk>
+    length_percentile: float = 95.0       # vocabulary: maximum caption length from this percentile
+    skip_missing: bool = False
+
+
+@dataclass
+class EncoderConfig:
+    name: str = "efficientnet_lite2"
+    resize: str = "squash"                # "squash" or "crop": how images of any shape become square
+    finetune: float = 0.0                 # fraction of the encoder's layers to train (images only)
+    lr: float = 1e-5                      # encoder learning rate when fine-tuning
+
+
+@dataclass
+class DecoderConfig:
+    name: str = "attention"               # show_tell, merge or attention
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    attention_dim: int = 512
+    dropout: float = 0.5
+    alpha_c: float = 1.0                  # doubly stochastic attention penalty (attention only)
+    glove: str | None = None              # GloVe-format text file to initialise word embeddings
+
+    def options(self) -> dict:
+        """What the decoder's constructor takes, plus its name: stored in every checkpoint."""
+        d = dataclasses.asdict(self)
+        d.pop("glove")
+        return d
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    epochs: int = 20
+    max_steps: int = 0                    # stop after this many optimiser steps in all (0 = no limit)
+    batch_size: int = 64
+    lr: float = 4e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+    label_smoothing: float = 0.0
+    schedule: str = "plateau"             # "plateau" (on validation CIDEr), "cosine" or "constant"
+    lr_decay: float = 0.5                 # plateau: factor applied after `lr_patience` epochs without gain
+    lr_patience: int = 2
+    patience: int = 6                     # early stopping: epochs without a better validation CIDEr
+    val_beam_size: int = 1
+    augment: bool = True                  # image training only: random crop and colour jitter
+    num_workers: int = 0
+    seed: int = 0
+    log_every: int = 50
+    save_every_steps: int = 0             # also checkpoint mid-epoch every N steps (0 = once per epoch)
+    save_dtype: str = "float32"           # "float16" halves the size of shipped checkpoints
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Config from a YAML file (missing keys keep their defaults), then `section.key=value` overrides."""
+    raw: dict = {}
+    if path is not None:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a config is a mapping of sections (data, encoder, decoder, train)")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"override {item!r}: expected section.key=value, e.g. train.epochs=5")
+        section, name = key.split(".", 1)
+        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+    return from_dict(raw, source=str(path or "overrides"))
+
+
+def from_dict(raw: dict, source: str = "config") -> Config:
+    config = Config()
+    for section, values in raw.items():
+        if section not in {f.name for f in dataclasses.fields(Config)}:
+            raise ValueError(f"{source}: unknown section {section!r}")
+        target = getattr(config, section)
+        hints = typing.get_type_hints(type(target))
+        for name, value in (values or {}).items():
+            if name not in hints:
+                known = ", ".join(f.name for f in dataclasses.fields(target))
+                raise ValueError(f"{source}: unknown key {section}.{name} (known: {known})")
+            setattr(target, name, _coerce(value, hints[name], f"{source}: {section}.{name}"))
+    return config
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check a YAML value against the field's type; ints are accepted where floats are expected."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for kind in options:
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if kind is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind in (int, str) and isinstance(value, kind) and not isinstance(value, bool):
+            return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in options)
+    raise ValueError(f"{where}: expected {names}, got {value!r}")

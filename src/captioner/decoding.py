@@ -1,0 +1,150 @@
+"""Turning a decoder's next-word distributions into captions: greedy, beam search, sampling.
+
+All three work on a whole batch of images at once and for any decoder (see `captioner.decoders`). Each
+loop runs at most `max_length + 1` steps, the last of which can only emit <end>: decoding always ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]               # word ids, without <start> and <end>
+    log_prob: float                 # sum of the words' log-probabilities (including <end>)
+    score: float                    # log_prob after the length penalty: what the ranking used
+    attention: torch.Tensor | None  # [len(tokens), H*W] attention weights, for attention decoders
+
+
+def length_penalty(length: torch.Tensor, alpha: float) -> torch.Tensor:
+    """GNMT length penalty ((5 + n) / 6) ** alpha; alpha = 0 ranks by raw log-probability."""
+    return ((5.0 + length.float()) / 6.0) ** alpha
+
+
+def _select(state: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v.index_select(0, index) for k, v in state.items()}
+
+
+@torch.no_grad()
+def beam_search(decoder, pooled: torch.Tensor, grid: torch.Tensor, *, start_id: int, end_id: int,
+                max_length: int, beam_size: int = 3, n_best: int = 1,
+                alpha: float = 0.0) -> list[list[Hypothesis]]:
+    """Batched beam search: one decoder step advances every beam of every image together.
+
+    Finished beams stay in the beam with their score frozen (they can only extend with <end> at no cost),
+    so the tensors keep a fixed shape [B * K]. Candidates are ranked by length-penalised score.
+    Returns, per image, the `n_best` hypotheses, best first.
+    """
+    batch, k = pooled.shape[0], beam_size
+    n_best = min(n_best, k)
+    state = decoder.init_state(pooled, grid)
+    state = _select(state, torch.arange(batch, device=pooled.device).repeat_interleave(k))
+    log_prob = torch.full((batch, k), float("-inf"), device=pooled.device)
+    log_prob[:, 0] = 0.0                                   # all beams start identical: keep one alive
+    tokens = torch.full((batch * k,), start_id, dtype=torch.long, device=pooled.device)
+    history = torch.empty(batch * k, 0, dtype=torch.long, device=pooled.device)
+    attention: torch.Tensor | None = None
+    finished = torch.zeros(batch, k, dtype=torch.bool, device=pooled.device)
+    lengths = torch.zeros(batch, k, dtype=torch.long, device=pooled.device)
+
+    for t in range(max_length + 1):
+        step_lp, state, alpha_t = decoder.step(tokens, state)
+        vocab = step_lp.shape[1]
+        step_lp = step_lp.view(batch, k, vocab).clone()
+        if t == max_length:                                # hard stop: only <end> is allowed now
+            forced = torch.full_like(step_lp, float("-inf"))
+            forced[..., end_id] = step_lp[..., end_id]
+            step_lp = forced
+        step_lp[finished] = float("-inf")
+        step_lp[..., end_id][finished] = 0.0               # a finished beam carries on unchanged
+        total = log_prob.unsqueeze(2) + step_lp            # [B, K, V]
+        new_len = torch.where(finished, lengths, lengths + 1).unsqueeze(2).expand_as(total)
+        ranked = (total / length_penalty(new_len, alpha)).view(batch, -1)
+        _, flat = ranked.topk(k, dim=1)                   # [B, K]
+        beam, word = flat // vocab, flat % vocab
+        log_prob = total.view(batch, -1).gather(1, flat)
+        origin = (beam + torch.arange(batch, device=pooled.device).unsqueeze(1) * k).view(-1)
+        was_finished = finished.gather(1, beam)
+        lengths = torch.where(was_finished, lengths.gather(1, beam), lengths.gather(1, beam) + 1)
+        finished = was_finished | (word == end_id)
+        state = _select(state, origin)
+        history = torch.cat([history.index_select(0, origin), word.view(-1, 1)], dim=1)
+        if alpha_t is not None:
+            prev = attention.index_select(0, origin) if attention is not None else None
+            new = alpha_t.index_select(0, origin).unsqueeze(1)
+            attention = new if prev is None else torch.cat([prev, new], dim=1)
+        tokens = word.view(-1)
+        if bool(finished.all()):
+            break
+
+    scores = log_prob / length_penalty(lengths, alpha)
+    results = []
+    for b in range(batch):
+        order = scores[b].argsort(descending=True)[:n_best]
+        hyps = []
+        for j in order.tolist():
+            row = b * k + j
+            words = [w for w in history[row].tolist() if w != end_id][: int(lengths[b, j]) - 1]
+            att = attention[row, : len(words)] if attention is not None else None
+            hyps.append(Hypothesis(words, float(log_prob[b, j]), float(scores[b, j]), att))
+        results.append(hyps)
+    return results
+
+
+@torch.no_grad()
+def greedy(decoder, pooled: torch.Tensor, grid: torch.Tensor, *, start_id: int, end_id: int,
+           max_length: int) -> list[Hypothesis]:
+    """The most likely word at every step; exactly beam search with one beam, but cheaper."""
+    return _sample_loop(decoder, pooled, grid, start_id, end_id, max_length, pick=None)
+
+
+@torch.no_grad()
+def sample(decoder, pooled: torch.Tensor, grid: torch.Tensor, *, start_id: int, end_id: int,
+           max_length: int, temperature: float = 1.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> list[Hypothesis]:
+    """Ancestral sampling with temperature and nucleus (top-p) truncation."""
+
+    def pick(lp: torch.Tensor) -> torch.Tensor:
+        probs = (lp / max(temperature, 1e-6)).softmax(-1)
+        if top_p < 1.0:
+            sorted_p, idx = probs.sort(dim=-1, descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < top_p      # always keeps the most likely word
+            probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p * keep)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    return _sample_loop(decoder, pooled, grid, start_id, end_id, max_length, pick=pick)
+
+
+def _sample_loop(decoder, pooled, grid, start_id, end_id, max_length, pick) -> list[Hypothesis]:
+    batch = pooled.shape[0]
+    state = decoder.init_state(pooled, grid)
+    tokens = torch.full((batch,), start_id, dtype=torch.long, device=pooled.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=pooled.device)
+    total = torch.zeros(batch, device=pooled.device)
+    words: list[torch.Tensor] = []
+    alphas: list[torch.Tensor] = []
+    for t in range(max_length + 1):
+        lp, state, alpha_t = decoder.step(tokens, state)
+        if t == max_length:
+            tokens = torch.full_like(tokens, end_id)
+        else:
+            tokens = lp.argmax(-1) if pick is None else pick(lp)
+        total += torch.where(done, torch.zeros_like(total), lp.gather(1, tokens[:, None]).squeeze(1))
+        tokens = torch.where(done, torch.full_like(tokens, end_id), tokens)
+        words.append(tokens)
+        if alpha_t is not None:
+            alphas.append(alpha_t)
+        done |= tokens == end_id
+        if bool(done.all()):
+            break
+    seq = torch.stack(words, dim=1)
+    att = torch.stack(alphas, dim=1) if alphas else None
+    out = []
+    for b in range(batch):
+        ids = seq[b].tolist()
+        ids = ids[: ids.index(end_id)] if end_id in ids else ids
+        out.append(Hypothesis(ids, float(total[b]), float(total[b]), att[b, : len(ids)] if att is not None else None))
+    return out

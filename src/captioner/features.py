@@ -1,0 +1,177 @@
+"""Feature cache: run the encoder once over a data set and keep its outputs on disk.
+
+Training a decoder on frozen encoder features is the fast path on a CPU: the encoder costs far more than
+the LSTM. The cache is a directory of memory-mappable NumPy arrays (float16):
+
+    meta.json     encoder name, its preprocessing, shapes, and the image keys in row order
+    pooled.npy    [N, D]       pooled feature vector per image
+    grid.npy      [N, H*W, D]  spatial grid per image (for attention)
+    done.npy      [N] uint8    0 = to do, 1 = done, 2 = failed (see errors.jsonl)
+    errors.jsonl  one line per image that could not be read
+
+Rows are written batch by batch and marked done only after their features are flushed, so an interrupted
+run resumes where it stopped. A cache made by one encoder (or preprocessing) refuses rows from another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from captioner.encoders import Encoder
+from captioner.images import ImageError, Preprocess, build_transform, load_image
+
+PENDING, DONE, FAILED = 0, 1, 2
+
+
+class FeatureCacheError(RuntimeError):
+    pass
+
+
+class _ImageFiles(TorchDataset):
+    """(row, tensor) for each image; a bad image yields (row, error message) instead of failing the batch."""
+
+    def __init__(self, paths: Sequence[Path], rows: Sequence[int], pre: Preprocess):
+        self.paths, self.rows, self.transform = paths, rows, build_transform(pre)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | str]:
+        row = self.rows[i]
+        try:
+            return row, self.transform(load_image(self.paths[row]))
+        except ImageError as e:
+            return row, str(e)
+
+
+def _collate(items: list[tuple[int, torch.Tensor | str]]) -> list[tuple[int, torch.Tensor | str]]:
+    return items
+
+
+@dataclass
+class FeatureStore:
+    """Read side of a cache: row lookup by image key, features as tensors."""
+
+    root: Path
+    meta: dict
+    pooled: np.ndarray
+    grid: np.ndarray
+    done: np.ndarray
+
+    @classmethod
+    def open(cls, root: str | Path, in_memory: bool = False) -> FeatureStore:
+        root = Path(root)
+        if not (root / "meta.json").exists():
+            raise FeatureCacheError(f"{root}: not a feature cache (no meta.json); make one with "
+                                    "`captioner extract-features`")
+        meta = json.loads((root / "meta.json").read_text())
+        mode = None if in_memory else "r"
+        return cls(root, meta, np.load(root / "pooled.npy", mmap_mode=mode),
+                   np.load(root / "grid.npy", mmap_mode=mode), np.load(root / "done.npy"))
+
+    @property
+    def encoder(self) -> str:
+        return self.meta["encoder"]
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess.from_dict(self.meta["preprocess"])
+
+    def row_of(self) -> dict[str, int]:
+        """Image key -> row, for images whose features were computed."""
+        return {k: i for i, k in enumerate(self.meta["keys"]) if self.done[i] == DONE}
+
+    def features(self, rows: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.asarray(rows)
+        return (torch.from_numpy(np.asarray(self.pooled[rows], dtype=np.float32)),
+                torch.from_numpy(np.asarray(self.grid[rows], dtype=np.float32)))
+
+
+def image_key(path: Path, root: Path) -> str:
+    """Stable name of an image inside a data set: its path relative to the data root."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.resolve().as_posix()
+
+
+def extract_features(paths: Sequence[Path], keys: Sequence[str], encoder: Encoder, out: str | Path, *,
+                     batch_size: int = 32, num_workers: int = 1, progress: bool = True,
+                     rank: int = 0, world_size: int = 1) -> dict:
+    """Encode `paths` into the cache at `out`, resuming if it exists. Returns counts and any errors.
+
+    With world_size > 1 every rank encodes its own share of rows (row % world_size == rank) into the same
+    memory-mapped files; rank 0 creates them first (the caller synchronises ranks between the two).
+    """
+    from tqdm import tqdm
+
+    out = Path(out)
+    meta = _open_or_create(out, keys, encoder, create=rank == 0)
+    pooled = np.load(out / "pooled.npy", mmap_mode="r+")
+    grid = np.load(out / "grid.npy", mmap_mode="r+")
+    done = np.load(out / "done.npy", mmap_mode="r+")
+    todo = [r for r in range(len(keys)) if done[r] == PENDING and r % world_size == rank]
+    loader = DataLoader(_ImageFiles(paths, todo, encoder.preprocess), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=_collate)
+    errors = []
+    encoder.eval()
+    bar = tqdm(total=len(todo), unit="img", desc=f"encoding with {encoder.name}", disable=not progress)
+    with torch.inference_mode(), open(out / ("errors.jsonl" if world_size == 1 else f"errors.rank{rank}.jsonl"), "a") as err_file:
+        for batch in loader:
+            good = [(r, x) for r, x in batch if isinstance(x, torch.Tensor)]
+            for r, message in ((r, x) for r, x in batch if isinstance(x, str)):
+                errors.append(message)
+                err_file.write(json.dumps({"key": keys[r], "error": message}) + "\n")
+                done[r] = FAILED
+            if good:
+                rows = [r for r, _ in good]
+                p, g = encoder(torch.stack([x for _, x in good]))
+                pooled[rows] = p.numpy().astype(np.float16)
+                grid[rows] = g.numpy().astype(np.float16)
+                pooled.flush()
+                grid.flush()
+                done[rows] = DONE
+            done.flush()
+            err_file.flush()
+            bar.update(len(batch))
+    bar.close()
+    return {"encoded": int((done == DONE).sum()), "failed": int((done == FAILED).sum()),
+            "total": len(keys), "errors": errors, "grid_shape": meta["grid_shape"]}
+
+
+def _open_or_create(out: Path, keys: Sequence[str], encoder: Encoder, create: bool) -> dict:
+    wanted = {"encoder": encoder.name, "preprocess": encoder.preprocess.to_dict()}
+    if (out / "meta.json").exists():
+        meta = json.loads((out / "meta.json").read_text())
+        have = {"encoder": meta["encoder"], "preprocess": meta["preprocess"]}
+        if have != wanted:
+            raise FeatureCacheError(
+                f"{out}: this cache holds features of {have['encoder']} ({have['preprocess']}); refusing to add "
+                f"features of {wanted['encoder']} ({wanted['preprocess']}). Use another --out directory.")
+        if meta["keys"] != list(keys):
+            raise FeatureCacheError(f"{out}: this cache was made for a different list of images "
+                                    f"({len(meta['keys'])} images, now {len(keys)}). Use another --out directory.")
+        return meta
+    if not create:
+        raise FeatureCacheError(f"{out}: no cache yet (rank 0 creates it)")
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode():
+        _, g = encoder(torch.zeros(1, 3, encoder.preprocess.size, encoder.preprocess.size))
+    n, cells, dim = len(keys), g.shape[1], g.shape[2]
+    np.lib.format.open_memmap(out / "pooled.npy", "w+", np.float16, (n, dim)).flush()
+    np.lib.format.open_memmap(out / "grid.npy", "w+", np.float16, (n, cells, dim)).flush()
+    np.lib.format.open_memmap(out / "done.npy", "w+", np.uint8, (n,)).flush()
+    meta = {**wanted, "feature_dim": dim, "grid_shape": [cells, dim], "keys": list(keys)}
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta) + "\n")
+    os.replace(tmp, out / "meta.json")  # meta.json last: its presence means the arrays exist
+    return meta

@@ -1,0 +1,240 @@
+"""The one image pipeline shared by training, feature extraction, inference and the web server.
+
+Every code path that turns a file into encoder input goes through ``load_image`` and
+``build_transform`` with the same ``Preprocess`` (saved in checkpoints and feature caches), so
+preprocessing cannot drift between training and inference -- the classic cause of a captioner
+that says the same sentence for every image.
+
+``load_image`` needs only Pillow; torch and torchvision are imported lazily by the tensor helpers.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    import torch
+    from torchvision.transforms import Compose
+
+MAX_IMAGE_PIXELS: int = 64_000_000
+"""Decompression-bomb limit in pixels. Pillow's own limit (``Image.MAX_IMAGE_PIXELS``) also applies."""
+
+IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM")
+"""Formats Pillow may try (JPEG includes phone MPO files). Allow-listed so an upload cannot reach exotic
+decoders (e.g. EPS runs Ghostscript)."""
+
+_HIGH_BIT_DEPTH = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+_WITH_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; str() is 'PATH: what is wrong', e.g. 'a.jpg: file is empty (0 bytes)'."""
+
+    path: str
+    reason: str
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)  # args match __init__, so the error pickles out of DataLoader workers
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+def load_image(
+    source: str | os.PathLike | bytes | BinaryIO,
+    *,
+    name: str | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> Image.Image:
+    """Open, validate and normalise one image to 8-bit RGB, upright.
+
+    The pixels are decoded here, in full, so a broken file fails now with a per-file ImageError
+    rather than later inside a DataLoader worker. ``name`` labels errors (default: the path, or
+    ``<bytes>`` / the stream's name). The returned image is a loaded copy; no file stays open.
+    """
+    label, data = _read(source, name)
+    if not data:
+        raise ImageError(label, "file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+                width, height = img.size  # known from the header alone: check before decoding anything
+                if width * height > max_pixels:
+                    raise ImageError(
+                        label, f"image is too large ({width}x{height} pixels, limit is {max_pixels:,} pixels)"
+                    )
+                img.load()
+                upright = _upright(img)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(label, f"image is too large, possible decompression bomb ({e})") from None
+    except Image.UnidentifiedImageError:
+        formats = ", ".join(IMAGE_FORMATS)
+        raise ImageError(label, f"not a recognised image file (supported formats: {formats})") from None
+    except Exception as e:  # Pillow's decoders raise many types on bad data; all mean "unusable file"
+        if "truncated" in str(e):
+            raise ImageError(label, "file is truncated (the image data ends early)") from e
+        raise ImageError(label, f"corrupt image data ({type(e).__name__}: {e})") from e
+    return _to_rgb(upright, label)
+
+
+def _read(source: str | os.PathLike | bytes | BinaryIO, name: str | None) -> tuple[str, bytes]:
+    """Return (label for errors, whole file contents); reading it all up front means nothing stays open."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return name or "<bytes>", bytes(source)
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        label = name or str(path)
+        if path.is_dir():
+            raise ImageError(label, "is a directory, not an image file")
+        try:
+            return label, path.read_bytes()
+        except FileNotFoundError:
+            raise ImageError(label, "file not found") from None
+        except OSError as e:
+            raise ImageError(label, f"cannot read file ({e.strerror or e})") from None
+    return name or str(getattr(source, "name", "<stream>")), source.read()
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation so phone photos come out the right way up (always returns a copy)."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a mangled EXIF block should not cost us an otherwise good picture
+        return img.copy()
+
+
+def _to_rgb(img: Image.Image, label: str) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is composited on white, like a web page shows it."""
+    if img.mode in _HIGH_BIT_DEPTH:
+        img = _stretch_to_8bit(img)
+    if img.mode in _WITH_ALPHA or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGB", img.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        return white
+    try:
+        return img.convert("RGB")
+    except ValueError:
+        raise ImageError(label, f"unsupported colour mode {img.mode!r}") from None
+
+
+def _stretch_to_8bit(img: Image.Image) -> Image.Image:
+    """Map 16/32-bit or float grey onto 0..255 using the image's own min..max.
+
+    Clipping turns most 16-bit images white and dividing by 257 turns narrow-range scans black;
+    stretching shows what is actually there. A constant image keeps its value, clipped to 0..255.
+    """
+    grey = img.convert("F")
+    lo, hi = grey.getextrema()
+    scale = 255.0 / (hi - lo) if hi > lo else 1.0
+    offset = -lo * scale if hi > lo else 0.0
+    return grey.point(lambda v: v * scale + offset + 0.5).convert("L")  # +0.5: F->L truncates
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an encoder wants its input. Saved in every checkpoint and feature cache so that
+    training and inference agree."""
+
+    size: int = 224  # square side fed to the encoder
+    resize: str = "squash"  # "squash": size x size ignoring aspect; "crop": short side to size, centre crop
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bicubic"  # "bilinear" or "bicubic"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
+            raise ValueError(f"Preprocess.size must be a positive int, got {self.size!r}")
+        if self.resize not in ("squash", "crop"):
+            raise ValueError(f"Preprocess.resize must be 'squash' or 'crop', got {self.resize!r}")
+        if self.interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(
+                f"Preprocess.interpolation must be 'bilinear' or 'bicubic', not {self.interpolation!r}"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"Preprocess needs 3 means and 3 positive stds, got {self.mean} and {self.std}")
+
+    def to_dict(self) -> dict:
+        """Plain JSON/YAML-safe dict (lists, not tuples)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        """Inverse of to_dict. Unknown keys are an error: they mean a checkpoint from a different version."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown Preprocess keys: {', '.join(map(str, unknown))}")
+        return cls(**d)
+
+
+class _RandomSubCrop:
+    """Crop a random 80-100% of the area at nearly the image's own aspect ratio, without resampling.
+
+    torchvision's RandomResizedCrop takes an absolute aspect-ratio range, which on a wide photo cuts a
+    square out of it -- not the view "squash" shows at eval time. Cropping first and then applying the
+    eval resize keeps training views close to eval views in both resize modes.
+    """
+
+    def __init__(self, scale: tuple[float, float] = (0.8, 1.0), ratio: tuple[float, float] = (0.9, 1.1)):
+        self.scale, self.ratio = scale, ratio
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        import torch  # the torch RNG is what DataLoader seeds per worker
+
+        width, height = img.size
+        area = torch.empty(()).uniform_(*self.scale).item()
+        ratio = math.exp(torch.empty(()).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1])).item())
+        crop_w = min(width, max(1, round(width * math.sqrt(area * ratio))))
+        crop_h = min(height, max(1, round(height * math.sqrt(area / ratio))))
+        left = int(torch.randint(0, width - crop_w + 1, ()).item())
+        top = int(torch.randint(0, height - crop_h + 1, ()).item())
+        return img.crop((left, top, left + crop_w, top + crop_h))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(scale={self.scale}, ratio={self.ratio})"
+
+
+def build_transform(pre: Preprocess, *, train: bool = False) -> Compose:
+    """torchvision pipeline: PIL RGB -> normalised float tensor [3, size, size].
+
+    train=True adds light augmentation suited to captioning: a mild random crop and a small
+    brightness/contrast/saturation jitter. No horizontal flip (captions say "left" and "right")
+    and no hue jitter (captions name colours).
+    """
+    from torchvision import transforms as T
+
+    interp = T.InterpolationMode.BICUBIC if pre.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
+    if pre.resize == "squash":
+        resize = [T.Resize((pre.size, pre.size), interpolation=interp, antialias=True)]
+    else:
+        resize = [T.Resize(pre.size, interpolation=interp, antialias=True), T.CenterCrop(pre.size)]
+    steps = [_RandomSubCrop(), *resize, T.ColorJitter(0.1, 0.1, 0.1)] if train else resize
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_transform(pre: Preprocess) -> Compose:
+    return build_transform(pre, train=False)
+
+
+def image_tensor(
+    source: str | os.PathLike | bytes | BinaryIO, pre: Preprocess, *, name: str | None = None
+) -> torch.Tensor:
+    """load_image + the eval transform: exactly the [3, size, size] tensor an encoder sees for this image."""
+    return _eval_transform(pre)(load_image(source, name=name))

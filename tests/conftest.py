@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny captioning data set the tests make themselves, and the real data if present."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40)}
+SHAPES = ("square", "circle")
+
+
+def make_tiny_dataset(root: Path, per_class: int = 3) -> Path:
+    """Photos of coloured shapes with captions that describe them, in the generic CSV layout.
+
+    8 classes x `per_class` images; the last image of each class goes to val, the one before to test.
+    """
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for colour, rgb in COLOURS.items():
+        for shape in SHAPES:
+            for k in range(per_class):
+                name = f"images/{colour}_{shape}_{k}.jpg"
+                img = Image.new("RGB", (96, 80), (245, 245, 245))
+                draw = ImageDraw.Draw(img)
+                box = (16 + 4 * k, 12 + 2 * k, 70 + 4 * k, 66 + 2 * k)
+                (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=rgb)
+                img.save(root / name, quality=90)
+                split = "val" if k == per_class - 1 else "test" if k == per_class - 2 else "train"
+                for text in (f"a {colour} {shape} on a white background", f"a {shape} that is {colour}",
+                             f"one {colour} {shape}"):
+                    rows.append({"image": name, "caption": text, "split": split})
+    with open(root / "captions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "caption", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny"), per_class=4)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data sets (`../shared`), named by CAPTIONER_DATA; tests that need them skip without it."""
+    root = os.environ.get("CAPTIONER_DATA")
+    if not root or not (Path(root) / "flickr8k").is_dir():
+        pytest.skip("CAPTIONER_DATA does not point at the shared data sets")
+    return Path(root)
