@@ -52,3 +52,40 @@ def shared_data() -> Path:
     if not root or not (Path(root) / "flickr8k").is_dir():
         pytest.skip("CAPTIONER_DATA does not point at the shared data sets")
     return Path(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tiny_data, tmp_path_factory) -> Path:
+    """EfficientNet-Lite0 features of the tiny data set (real pretrained weights)."""
+    from captioner.data import load_dataset
+    from captioner.encoders import create_encoder
+    from captioner.features import extract_features, image_key
+
+    data = load_dataset(tiny_data)
+    out = tmp_path_factory.mktemp("features") / "lite0"
+    paths = [ex.image for ex in data.examples]
+    extract_features(paths, [image_key(p, data.root) for p in paths], create_encoder("efficientnet_lite0"), out,
+                     batch_size=16, num_workers=0, progress=False)
+    return out
+
+
+def tiny_config(tiny_data: Path, features: Path | None, out: Path, decoder: str = "attention", **train):
+    """A small, fast training config over the tiny data set."""
+    from captioner.config import from_dict
+
+    return from_dict({
+        "data": {"root": str(tiny_data), "features": str(features) if features else None, "min_count": 1},
+        "encoder": {"name": "efficientnet_lite0"},
+        "decoder": {"name": decoder, "embed_dim": 48, "hidden_dim": 64, "attention_dim": 32, "dropout": 0.1},
+        "train": {"out_dir": str(out), "epochs": 3, "batch_size": 16, "lr": 3e-3, "log_every": 1,
+                  "schedule": "constant", **train},
+    })
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_data, tiny_features, tmp_path_factory) -> Path:
+    """A checkpoint trained for a few epochs on the tiny data set."""
+    from captioner.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    return train(tiny_config(tiny_data, tiny_features, out, epochs=6), progress=False)

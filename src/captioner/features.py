@@ -36,7 +36,7 @@ class FeatureCacheError(RuntimeError):
     pass
 
 
-class _ImageFiles(TorchDataset):
+class ImageFiles(TorchDataset):
     """(row, tensor) for each image; a bad image yields (row, error message) instead of failing the batch."""
 
     def __init__(self, paths: Sequence[Path], rows: Sequence[int], pre: Preprocess):
@@ -53,7 +53,8 @@ class _ImageFiles(TorchDataset):
             return row, str(e)
 
 
-def _collate(items: list[tuple[int, torch.Tensor | str]]) -> list[tuple[int, torch.Tensor | str]]:
+def as_list(items: list[tuple[int, torch.Tensor | str]]) -> list[tuple[int, torch.Tensor | str]]:
+    """DataLoader collate that keeps a batch as a list, so good images and errors can be told apart."""
     return items
 
 
@@ -120,8 +121,8 @@ def extract_features(paths: Sequence[Path], keys: Sequence[str], encoder: Encode
     grid = np.load(out / "grid.npy", mmap_mode="r+")
     done = np.load(out / "done.npy", mmap_mode="r+")
     todo = [r for r in range(len(keys)) if done[r] == PENDING and r % world_size == rank]
-    loader = DataLoader(_ImageFiles(paths, todo, encoder.preprocess), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate)
+    loader = DataLoader(ImageFiles(paths, todo, encoder.preprocess), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=as_list)
     errors = []
     encoder.eval()
     bar = tqdm(total=len(todo), unit="img", desc=f"encoding with {encoder.name}", disable=not progress)

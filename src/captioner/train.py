@@ -198,10 +198,13 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
     stop = False
     while state["epoch"] < tc.epochs and not stop:
         epoch = state["epoch"]
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(tc.seed * 100_003 + epoch))
+        # The epoch's order and the loader's worker seeds come from their own generator, never from the
+        # global one that dropout draws from, so a resumed run repeats the interrupted one exactly.
+        epoch_rng = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
+        order = torch.randperm(len(pairs), generator=epoch_rng)
         batches = [order[i: i + tc.batch_size].tolist() for i in range(0, len(pairs), tc.batch_size)]
         loader = DataLoader(pairs, batch_sampler=batches[state["step_in_epoch"]:], collate_fn=collate,
-                            num_workers=tc.num_workers)
+                            num_workers=tc.num_workers, generator=epoch_rng)
         model.train()
         if not model.encoder_finetuned:
             model.encoder.eval()

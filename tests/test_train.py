@@ -1,0 +1,109 @@
+"""Training: every decoder learns, a killed run resumes exactly, checkpoints round-trip."""
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+
+from captioner.model import Captioner, CheckpointError
+from captioner.train import train
+
+
+def losses(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f) if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("decoder", ["show_tell", "merge", "attention"])
+def test_each_decoder_loss_falls(decoder, tiny_data, tiny_features, tmp_path):
+    train(tiny_config(tiny_data, tiny_features, tmp_path, decoder, epochs=50, max_steps=15), progress=False)
+    seen = losses(tmp_path)
+    assert len(seen) == 15
+    assert sum(seen[-3:]) < 0.8 * sum(seen[:3]), seen
+
+
+def test_training_on_images_without_a_cache(tiny_data, tmp_path):
+    train(tiny_config(tiny_data, None, tmp_path, "merge", epochs=1, max_steps=2), progress=False)
+    model = Captioner.from_pretrained(tmp_path / "last")
+    assert model.encoder.name == "efficientnet_lite0"
+    assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tiny_data, tiny_features, tmp_path):
+    config = tiny_config(tiny_data, tiny_features, tmp_path, "merge", epochs=1, max_steps=1)
+    train(config, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config, progress=False)
+
+
+def _cli_train(config_path, out, *extra):
+    return [sys.executable, "-m", "captioner.cli", "train", "--config", str(config_path), f"train.out_dir={out}",
+            *extra]
+
+
+def test_killed_mid_epoch_resumes_and_matches_an_uninterrupted_run(tiny_data, tiny_features, tmp_path):
+    import yaml
+
+    config = tiny_config(tiny_data, tiny_features, tmp_path / "unused", "attention", epochs=3, save_every_steps=1)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config.to_dict()))
+
+    straight = tmp_path / "straight"
+    subprocess.run(_cli_train(config_path, straight), check=True, capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli_train(config_path, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_file = killed / "last" / "training_state.pt"
+    deadline = time.time() + 120
+    while not state_file.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(state_file, weights_only=True)["state"]
+    assert state["epoch"] == 0 and 0 < state["step_in_epoch"] < 3, "expected to stop mid-epoch"
+
+    resumed = subprocess.run(_cli_train(config_path, killed, "--resume"), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    final = torch.load(state_file, weights_only=True)["state"]
+    assert final["epoch"] == 3 and final["global_step"] == 9
+    a, b = load_file(str(straight / "last" / "model.safetensors")), load_file(str(state_file.parent / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_round_trip_gives_the_same_captions(tiny_model, tiny_data, tmp_path):
+    image = next((tiny_data / "images").glob("red_square_*.jpg"))
+    model = Captioner.from_pretrained(tiny_model)
+    first = model.caption(image, beam_size=3, n_best=2)
+    model.save_pretrained(tmp_path / "copy")
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
+    again = Captioner.from_pretrained(tmp_path / "copy").caption(image, beam_size=3, n_best=2)
+    assert again.captions == first.captions
+    config = json.loads((tmp_path / "copy" / "config.json").read_text())
+    assert config["encoder"]["name"] == "efficientnet_lite0" and config["decoder"]["name"] == "attention"
+    assert config["captioner_version"]
+
+
+def test_incompatible_checkpoint_is_refused_clearly(tiny_model, tmp_path):
+    Captioner.from_pretrained(tiny_model).save_pretrained(tmp_path / "ck")
+    config = json.loads((tmp_path / "ck" / "config.json").read_text())
+    config["format_version"] = 99
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="format 99"):
+        Captioner.from_pretrained(tmp_path / "ck")
+
+
+def test_tiny_model_learned_to_describe_shapes(tiny_model, tiny_data):
+    model = Captioner.from_pretrained(tiny_model)
+    captions = [c.caption for c in model.caption(sorted((tiny_data / "images").glob("*_0.jpg")))]
+    assert len(set(captions)) > 1, captions  # not the same caption for every image
