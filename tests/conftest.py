@@ -30,8 +30,11 @@ def make_tiny_dataset(root: Path, per_class: int = 3) -> Path:
                 (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=rgb)
                 img.save(root / name, quality=90)
                 split = "val" if k == per_class - 1 else "test" if k == per_class - 2 else "train"
-                for text in (f"a {colour} {shape} on a white background", f"a {shape} that is {colour}",
-                             f"one {colour} {shape}"):
+                for text in (
+                    f"a {colour} {shape} on a white background",
+                    f"a {shape} that is {colour}",
+                    f"one {colour} {shape}",
+                ):
                     rows.append({"image": name, "caption": text, "split": split})
     with open(root / "captions.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["image", "caption", "split"])
@@ -64,8 +67,15 @@ def tiny_features(tiny_data, tmp_path_factory) -> Path:
     data = load_dataset(tiny_data)
     out = tmp_path_factory.mktemp("features") / "lite0"
     paths = [ex.image for ex in data.examples]
-    extract_features(paths, [image_key(p, data.root) for p in paths], create_encoder("efficientnet_lite0"), out,
-                     batch_size=16, num_workers=0, progress=False)
+    extract_features(
+        paths,
+        [image_key(p, data.root) for p in paths],
+        create_encoder("efficientnet_lite0"),
+        out,
+        batch_size=16,
+        num_workers=0,
+        progress=False,
+    )
     return out
 
 
@@ -73,13 +83,28 @@ def tiny_config(tiny_data: Path, features: Path | None, out: Path, decoder: str 
     """A small, fast training config over the tiny data set."""
     from captioner.config import from_dict
 
-    return from_dict({
-        "data": {"root": str(tiny_data), "features": str(features) if features else None, "min_count": 1},
-        "encoder": {"name": "efficientnet_lite0"},
-        "decoder": {"name": decoder, "embed_dim": 48, "hidden_dim": 64, "attention_dim": 32, "dropout": 0.1},
-        "train": {"out_dir": str(out), "epochs": 3, "batch_size": 16, "lr": 3e-3, "log_every": 1,
-                  "schedule": "constant", **train},
-    })
+    return from_dict(
+        {
+            "data": {"root": str(tiny_data), "features": str(features) if features else None, "min_count": 1},
+            "encoder": {"name": "efficientnet_lite0"},
+            "decoder": {
+                "name": decoder,
+                "embed_dim": 48,
+                "hidden_dim": 64,
+                "attention_dim": 32,
+                "dropout": 0.1,
+            },
+            "train": {
+                "out_dir": str(out),
+                "epochs": 3,
+                "batch_size": 16,
+                "lr": 3e-3,
+                "log_every": 1,
+                "schedule": "constant",
+                **train,
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="session")

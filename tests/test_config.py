@@ -13,12 +13,15 @@ def test_yaml_and_overrides(tmp_path):
     assert c.decoder.hidden_dim == 512  # untouched keys keep their defaults
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.epochs=many", "train.epochs: expected int"),
-    ("train.nope=1", "unknown key train.nope"),
-    ("model.x=1", "unknown section"),
-    ("epochs=3", "expected section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epochs=many", "train.epochs: expected int"),
+        ("train.nope=1", "unknown key train.nope"),
+        ("model.x=1", "unknown section"),
+        ("epochs=3", "expected section.key=value"),
+    ],
+)
 def test_bad_overrides_are_named(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, [override])

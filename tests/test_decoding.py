@@ -11,8 +11,9 @@ V, D, START, END = 30, 16, 1, 2
 
 def make(name: str, seed: int = 0):
     torch.manual_seed(seed)
-    decoder = create_decoder(name, vocab_size=V, feature_dim=D, embed_dim=12, hidden_dim=20, attention_dim=8,
-                             dropout=0.0).eval()
+    decoder = create_decoder(
+        name, vocab_size=V, feature_dim=D, embed_dim=12, hidden_dim=20, attention_dim=8, dropout=0.0
+    ).eval()
     pooled, grid = torch.randn(5, D), torch.randn(5, 9, D)
     grid = grid - grid.mean(1, keepdim=True) + pooled.unsqueeze(1)  # pooled is the grid's mean, as for real
     return decoder, pooled, grid
@@ -34,10 +35,20 @@ def test_beam_of_one_is_greedy(name):
 @pytest.mark.parametrize("name", ["show_tell", "attention"])
 def test_batched_beam_equals_one_image_at_a_time(name):
     decoder, pooled, grid = make(name)
-    batched = beam_search(decoder, pooled, grid, start_id=START, end_id=END, max_length=10, beam_size=4, n_best=3)
+    batched = beam_search(
+        decoder, pooled, grid, start_id=START, end_id=END, max_length=10, beam_size=4, n_best=3
+    )
     for i in range(pooled.shape[0]):
-        single = beam_search(decoder, pooled[i:i + 1], grid[i:i + 1], start_id=START, end_id=END, max_length=10,
-                             beam_size=4, n_best=3)[0]
+        single = beam_search(
+            decoder,
+            pooled[i : i + 1],
+            grid[i : i + 1],
+            start_id=START,
+            end_id=END,
+            max_length=10,
+            beam_size=4,
+            n_best=3,
+        )[0]
         assert [h.tokens for h in single] == [h.tokens for h in batched[i]]
         assert [h.score for h in single] == pytest.approx([h.score for h in batched[i]], abs=1e-4)
 
@@ -45,7 +56,9 @@ def test_batched_beam_equals_one_image_at_a_time(name):
 @torch.no_grad()
 def test_n_best_sorted_distinct_and_scored_by_their_own_log_probs():
     decoder, pooled, grid = make("merge")
-    results = beam_search(decoder, pooled, grid, start_id=START, end_id=END, max_length=6, beam_size=5, n_best=5)
+    results = beam_search(
+        decoder, pooled, grid, start_id=START, end_id=END, max_length=6, beam_size=5, n_best=5
+    )
     for hyps in results:
         assert len(hyps) == 5
         scores = [h.score for h in hyps]
@@ -66,20 +79,27 @@ def test_search_always_ends_even_when_the_model_never_says_end():
     with torch.no_grad():
         decoder.fc.bias[END] = -1e4  # a model that never wants to stop
     for max_length in (1, 7):
-        for hyps in beam_search(decoder, pooled, grid, start_id=START, end_id=END, max_length=max_length,
-                                beam_size=3, n_best=2):
+        for hyps in beam_search(
+            decoder, pooled, grid, start_id=START, end_id=END, max_length=max_length, beam_size=3, n_best=2
+        ):
             assert all(len(h.tokens) == max_length for h in hyps)
-        assert all(len(h.tokens) == max_length
-                   for h in greedy(decoder, pooled, grid, start_id=START, end_id=END, max_length=max_length))
+        assert all(
+            len(h.tokens) == max_length
+            for h in greedy(decoder, pooled, grid, start_id=START, end_id=END, max_length=max_length)
+        )
 
 
 def test_length_penalty_prefers_longer_captions():
     decoder, pooled, grid = make("show_tell", seed=3)
     with torch.no_grad():
         decoder.fc.bias[END] += 2.5  # make stopping early attractive
+
     def mean_len(alpha):
-        hyps = beam_search(decoder, pooled, grid, start_id=START, end_id=END, max_length=12, beam_size=5, alpha=alpha)
+        hyps = beam_search(
+            decoder, pooled, grid, start_id=START, end_id=END, max_length=12, beam_size=5, alpha=alpha
+        )
         return sum(len(h[0].tokens) for h in hyps) / len(hyps)
+
     assert mean_len(2.0) >= mean_len(0.0)
 
 
@@ -96,8 +116,24 @@ def test_sampling_near_zero_temperature_is_greedy_and_top_p_is_seeded():
     g = greedy(decoder, pooled, grid, start_id=START, end_id=END, max_length=8)
     s = sample(decoder, pooled, grid, start_id=START, end_id=END, max_length=8, temperature=1e-4)
     assert [h.tokens for h in g] == [h.tokens for h in s]
-    a = sample(decoder, pooled, grid, start_id=START, end_id=END, max_length=8, top_p=0.9,
-               generator=torch.Generator().manual_seed(1))
-    b = sample(decoder, pooled, grid, start_id=START, end_id=END, max_length=8, top_p=0.9,
-               generator=torch.Generator().manual_seed(1))
+    a = sample(
+        decoder,
+        pooled,
+        grid,
+        start_id=START,
+        end_id=END,
+        max_length=8,
+        top_p=0.9,
+        generator=torch.Generator().manual_seed(1),
+    )
+    b = sample(
+        decoder,
+        pooled,
+        grid,
+        start_id=START,
+        end_id=END,
+        max_length=8,
+        top_p=0.9,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert [h.tokens for h in a] == [h.tokens for h in b]

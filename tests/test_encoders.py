@@ -12,16 +12,20 @@ from captioner.encoders import OFFLINE_ENCODERS, EncoderWeightsError, create_enc
 from captioner.images import build_transform
 
 skimage_data = pytest.importorskip("skimage.data")
-CATS = {281, 282, 283, 284, 285, 287}   # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat, lynx
-COFFEE = {967, 968, 504}                # espresso, cup, coffee mug
+CATS = {281, 282, 283, 284, 285, 287}  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat, lynx
+COFFEE = {967, 968, 504}  # espresso, cup, coffee mug
 
 
 @pytest.mark.parametrize("name", OFFLINE_ENCODERS)
 def test_offline_weights_classify_real_photos(name):
     encoder = create_encoder(name)
     transform = build_transform(encoder.preprocess)
-    batch = torch.stack([transform(Image.fromarray(skimage_data.chelsea())),
-                         transform(Image.fromarray(skimage_data.coffee()))])
+    batch = torch.stack(
+        [
+            transform(Image.fromarray(skimage_data.chelsea())),
+            transform(Image.fromarray(skimage_data.coffee())),
+        ]
+    )
     top5 = encoder.classify(batch).topk(5).indices.tolist()
     assert CATS & set(top5[0]), f"{name}: chelsea (a cat) not in top 5: {top5[0]}"
     assert COFFEE & set(top5[1]), f"{name}: coffee not in top 5: {top5[1]}"
@@ -45,10 +49,11 @@ def test_registry_lists_the_classic_backbones():
 
 def test_download_encoder_offline_gives_a_clear_error():
     # HF_HUB_OFFLINE makes the download fail at once, as it does on a machine without the internet.
-    code = ("from captioner.encoders import create_encoder\n"
-            "create_encoder('resnet50')\n")
+    code = "from captioner.encoders import create_encoder\ncreate_encoder('resnet50')\n"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0
     assert "EncoderWeightsError" in result.stderr
     assert "could not get ImageNet weights for 'resnet50.tv_in1k'" in result.stderr

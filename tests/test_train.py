@@ -9,11 +9,11 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_config
 from safetensors.torch import load_file
 
 from captioner.model import Captioner, CheckpointError
 from captioner.train import train
+from conftest import tiny_config
 
 
 def losses(run_dir):
@@ -44,14 +44,24 @@ def test_refuses_to_overwrite_a_run_without_resume(tiny_data, tiny_features, tmp
 
 
 def _cli_train(config_path, out, *extra):
-    return [sys.executable, "-m", "captioner.cli", "train", "--config", str(config_path), f"train.out_dir={out}",
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "captioner.cli",
+        "train",
+        "--config",
+        str(config_path),
+        f"train.out_dir={out}",
+        *extra,
+    ]
 
 
 def test_killed_mid_epoch_resumes_and_matches_an_uninterrupted_run(tiny_data, tiny_features, tmp_path):
     import yaml
 
-    config = tiny_config(tiny_data, tiny_features, tmp_path / "unused", "attention", epochs=3, save_every_steps=1)
+    config = tiny_config(
+        tiny_data, tiny_features, tmp_path / "unused", "attention", epochs=3, save_every_steps=1
+    )
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config.to_dict()))
 
@@ -59,7 +69,9 @@ def test_killed_mid_epoch_resumes_and_matches_an_uninterrupted_run(tiny_data, ti
     subprocess.run(_cli_train(config_path, straight), check=True, capture_output=True, timeout=300)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli_train(config_path, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli_train(config_path, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     state_file = killed / "last" / "training_state.pt"
     deadline = time.time() + 120
     while not state_file.exists() and time.time() < deadline and proc.poll() is None:
@@ -69,13 +81,17 @@ def test_killed_mid_epoch_resumes_and_matches_an_uninterrupted_run(tiny_data, ti
     state = torch.load(state_file, weights_only=True)["state"]
     assert state["epoch"] == 0 and 0 < state["step_in_epoch"] < 3, "expected to stop mid-epoch"
 
-    resumed = subprocess.run(_cli_train(config_path, killed, "--resume"), capture_output=True, text=True,
-                             timeout=300)
+    resumed = subprocess.run(
+        _cli_train(config_path, killed, "--resume"), capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
     final = torch.load(state_file, weights_only=True)["state"]
     assert final["epoch"] == 3 and final["global_step"] == 9
-    a, b = load_file(str(straight / "last" / "model.safetensors")), load_file(str(state_file.parent / "model.safetensors"))
+    a, b = (
+        load_file(str(straight / "last" / "model.safetensors")),
+        load_file(str(state_file.parent / "model.safetensors")),
+    )
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
@@ -86,7 +102,11 @@ def test_checkpoint_round_trip_gives_the_same_captions(tiny_model, tiny_data, tm
     model = Captioner.from_pretrained(tiny_model)
     first = model.caption(image, beam_size=3, n_best=2)
     model.save_pretrained(tmp_path / "copy")
-    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "vocab.json",
+    ]
     again = Captioner.from_pretrained(tmp_path / "copy").caption(image, beam_size=3, n_best=2)
     assert again.captions == first.captions
     config = json.loads((tmp_path / "copy" / "config.json").read_text())

@@ -1,7 +1,7 @@
 """captioner: image captioning with CNN encoders and LSTM decoders.
 
-    from captioner import Captioner
-    print(Captioner.from_pretrained().caption("photo.jpg").caption)
+from captioner import Captioner
+print(Captioner.from_pretrained().caption("photo.jpg").caption)
 """
 
 from __future__ import annotations

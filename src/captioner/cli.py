@@ -63,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a captioning model")
     t.add_argument("--config", required=True, help="YAML config file (see configs/)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5 decoder.name=merge")
-    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
+    t.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in the output dir"
+    )
     t.set_defaults(run=_train)
 
     v = sub.add_parser("evaluate", help="score a model on a data set split with the coco-caption metrics")
@@ -104,12 +106,17 @@ def _extract(args: argparse.Namespace) -> int:
     paths = [ex.image for ex in data.examples]
     keys = [image_key(p, data.root) for p in paths]
     start = time.perf_counter()
-    result = extract_features(paths, keys, encoder, args.out, batch_size=args.batch_size, num_workers=args.workers)
+    result = extract_features(
+        paths, keys, encoder, args.out, batch_size=args.batch_size, num_workers=args.workers
+    )
     seconds = time.perf_counter() - start
     for message in result["errors"]:
         print(f"error: {message}", file=sys.stderr)
-    print(f"{result['encoded']:,} of {result['total']:,} images encoded ({result['failed']} failed) into {args.out}; "
-          f"grid {result['grid_shape']}; this run {seconds:.0f} s")
+    print(
+        f"{result['encoded']:,} of {result['total']:,} images encoded ({result['failed']} failed) "
+        f"into {args.out}; "
+        f"grid {result['grid_shape']}; this run {seconds:.0f} s"
+    )
     return 1 if result["failed"] else 0
 
 
@@ -125,17 +132,32 @@ def _train(args: argparse.Namespace) -> int:
 def _caption(args: argparse.Namespace) -> int:
     from captioner.inference import caption_paths
 
-    return caption_paths(args.paths, model=args.model, beam_size=args.beam_size, n_best=args.n_best,
-                         length_penalty=args.length_penalty, batch_size=args.batch_size, fmt=args.format)
+    return caption_paths(
+        args.paths,
+        model=args.model,
+        beam_size=args.beam_size,
+        n_best=args.n_best,
+        length_penalty=args.length_penalty,
+        batch_size=args.batch_size,
+        fmt=args.format,
+    )
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from captioner.evaluate import evaluate_model
 
-    evaluate_model(args.root, split=args.split, model=args.model, beam_size=args.beam_size,
-                   length_penalty=args.length_penalty, batch_size=args.batch_size, limit=args.limit,
-                   features=args.features, output=Path(args.output) if args.output else None,
-                   skip_missing=args.skip_missing)
+    evaluate_model(
+        args.root,
+        split=args.split,
+        model=args.model,
+        beam_size=args.beam_size,
+        length_penalty=args.length_penalty,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        features=args.features,
+        output=Path(args.output) if args.output else None,
+        skip_missing=args.skip_missing,
+    )
     return 0
 
 

@@ -14,33 +14,33 @@ import yaml
 
 @dataclass
 class DataConfig:
-    root: str = "../shared/flickr8k"      # data set directory (any layout `captioner data inspect` reads)
-    features: str | None = None           # feature cache of the encoder; None trains on images
+    root: str = "../shared/flickr8k"  # data set directory (any layout `captioner data inspect` reads)
+    features: str | None = None  # feature cache of the encoder; None trains on images
     train_split: str = "train"
     val_split: str = "val"
-    val_images: int = 0                   # validate on the first N images of val_split (0 = all)
-    min_count: int = 5                    # vocabulary: words seen fewer times become <unk>
-    length_percentile: float = 95.0       # vocabulary: maximum caption length from this percentile
+    val_images: int = 0  # validate on the first N images of val_split (0 = all)
+    min_count: int = 5  # vocabulary: words seen fewer times become <unk>
+    length_percentile: float = 95.0  # vocabulary: maximum caption length from this percentile
     skip_missing: bool = False
 
 
 @dataclass
 class EncoderConfig:
     name: str = "efficientnet_lite2"
-    resize: str = "squash"                # "squash" or "crop": how images of any shape become square
-    finetune: float = 0.0                 # fraction of the encoder's layers to train (images only)
-    lr: float = 1e-5                      # encoder learning rate when fine-tuning
+    resize: str = "squash"  # "squash" or "crop": how images of any shape become square
+    finetune: float = 0.0  # fraction of the encoder's layers to train (images only)
+    lr: float = 1e-5  # encoder learning rate when fine-tuning
 
 
 @dataclass
 class DecoderConfig:
-    name: str = "attention"               # show_tell, merge or attention
+    name: str = "attention"  # show_tell, merge or attention
     embed_dim: int = 512
     hidden_dim: int = 512
     attention_dim: int = 512
     dropout: float = 0.5
-    alpha_c: float = 1.0                  # doubly stochastic attention penalty (attention only)
-    glove: str | None = None              # GloVe-format text file to initialise word embeddings
+    alpha_c: float = 1.0  # doubly stochastic attention penalty (attention only)
+    glove: str | None = None  # GloVe-format text file to initialise word embeddings
 
     def options(self) -> dict:
         """What the decoder's constructor takes, plus its name: stored in every checkpoint."""
@@ -53,23 +53,23 @@ class DecoderConfig:
 class TrainConfig:
     out_dir: str = "runs/default"
     epochs: int = 20
-    max_steps: int = 0                    # stop after this many optimiser steps in all (0 = no limit)
+    max_steps: int = 0  # stop after this many optimiser steps in all (0 = no limit)
     batch_size: int = 64
     lr: float = 4e-4
     weight_decay: float = 0.0
     grad_clip: float = 5.0
     label_smoothing: float = 0.0
-    schedule: str = "plateau"             # "plateau" (on validation CIDEr), "cosine" or "constant"
-    lr_decay: float = 0.5                 # plateau: factor applied after `lr_patience` epochs without gain
+    schedule: str = "plateau"  # "plateau" (on validation CIDEr), "cosine" or "constant"
+    lr_decay: float = 0.5  # plateau: factor applied after `lr_patience` epochs without gain
     lr_patience: int = 2
-    patience: int = 6                     # early stopping: epochs without a better validation CIDEr
+    patience: int = 6  # early stopping: epochs without a better validation CIDEr
     val_beam_size: int = 1
-    augment: bool = True                  # image training only: random crop and colour jitter
+    augment: bool = True  # image training only: random crop and colour jitter
     num_workers: int = 0
     seed: int = 0
     log_every: int = 50
-    save_every_steps: int = 0             # also checkpoint mid-epoch every N steps (0 = once per epoch)
-    save_dtype: str = "float32"           # "float16" halves the size of shipped checkpoints
+    save_every_steps: int = 0  # also checkpoint mid-epoch every N steps (0 = once per epoch)
+    save_dtype: str = "float32"  # "float16" halves the size of shipped checkpoints
 
 
 @dataclass

@@ -13,9 +13,9 @@ import torch
 
 @dataclass
 class Hypothesis:
-    tokens: list[int]               # word ids, without <start> and <end>
-    log_prob: float                 # sum of the words' log-probabilities (including <end>)
-    score: float                    # log_prob after the length penalty: what the ranking used
+    tokens: list[int]  # word ids, without <start> and <end>
+    log_prob: float  # sum of the words' log-probabilities (including <end>)
+    score: float  # log_prob after the length penalty: what the ranking used
     attention: torch.Tensor | None  # [len(tokens), H*W] attention weights, for attention decoders
 
 
@@ -29,9 +29,18 @@ def _select(state: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, to
 
 
 @torch.no_grad()
-def beam_search(decoder, pooled: torch.Tensor, grid: torch.Tensor, *, start_id: int, end_id: int,
-                max_length: int, beam_size: int = 3, n_best: int = 1,
-                alpha: float = 0.0) -> list[list[Hypothesis]]:
+def beam_search(
+    decoder,
+    pooled: torch.Tensor,
+    grid: torch.Tensor,
+    *,
+    start_id: int,
+    end_id: int,
+    max_length: int,
+    beam_size: int = 3,
+    n_best: int = 1,
+    alpha: float = 0.0,
+) -> list[list[Hypothesis]]:
     """Batched beam search: one decoder step advances every beam of every image together.
 
     Finished beams stay in the beam with their score frozen (they can only extend with <end> at no cost),
@@ -43,7 +52,7 @@ def beam_search(decoder, pooled: torch.Tensor, grid: torch.Tensor, *, start_id: 
     state = decoder.init_state(pooled, grid)
     state = _select(state, torch.arange(batch, device=pooled.device).repeat_interleave(k))
     log_prob = torch.full((batch, k), float("-inf"), device=pooled.device)
-    log_prob[:, 0] = 0.0                                   # all beams start identical: keep one alive
+    log_prob[:, 0] = 0.0  # all beams start identical: keep one alive
     tokens = torch.full((batch * k,), start_id, dtype=torch.long, device=pooled.device)
     history = torch.empty(batch * k, 0, dtype=torch.long, device=pooled.device)
     attention: torch.Tensor | None = None
@@ -54,16 +63,16 @@ def beam_search(decoder, pooled: torch.Tensor, grid: torch.Tensor, *, start_id: 
         step_lp, state, alpha_t = decoder.step(tokens, state)
         vocab = step_lp.shape[1]
         step_lp = step_lp.view(batch, k, vocab).clone()
-        if t == max_length:                                # hard stop: only <end> is allowed now
+        if t == max_length:  # hard stop: only <end> is allowed now
             forced = torch.full_like(step_lp, float("-inf"))
             forced[..., end_id] = step_lp[..., end_id]
             step_lp = forced
         step_lp[finished] = float("-inf")
-        step_lp[..., end_id][finished] = 0.0               # a finished beam carries on unchanged
-        total = log_prob.unsqueeze(2) + step_lp            # [B, K, V]
+        step_lp[..., end_id][finished] = 0.0  # a finished beam carries on unchanged
+        total = log_prob.unsqueeze(2) + step_lp  # [B, K, V]
         new_len = torch.where(finished, lengths, lengths + 1).unsqueeze(2).expand_as(total)
         ranked = (total / length_penalty(new_len, alpha)).view(batch, -1)
-        _, flat = ranked.topk(k, dim=1)                   # [B, K]
+        _, flat = ranked.topk(k, dim=1)  # [B, K]
         beam, word = flat // vocab, flat % vocab
         log_prob = total.view(batch, -1).gather(1, flat)
         origin = (beam + torch.arange(batch, device=pooled.device).unsqueeze(1) * k).view(-1)
@@ -95,23 +104,33 @@ def beam_search(decoder, pooled: torch.Tensor, grid: torch.Tensor, *, start_id: 
 
 
 @torch.no_grad()
-def greedy(decoder, pooled: torch.Tensor, grid: torch.Tensor, *, start_id: int, end_id: int,
-           max_length: int) -> list[Hypothesis]:
+def greedy(
+    decoder, pooled: torch.Tensor, grid: torch.Tensor, *, start_id: int, end_id: int, max_length: int
+) -> list[Hypothesis]:
     """The most likely word at every step; exactly beam search with one beam, but cheaper."""
     return _sample_loop(decoder, pooled, grid, start_id, end_id, max_length, pick=None)
 
 
 @torch.no_grad()
-def sample(decoder, pooled: torch.Tensor, grid: torch.Tensor, *, start_id: int, end_id: int,
-           max_length: int, temperature: float = 1.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> list[Hypothesis]:
+def sample(
+    decoder,
+    pooled: torch.Tensor,
+    grid: torch.Tensor,
+    *,
+    start_id: int,
+    end_id: int,
+    max_length: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[Hypothesis]:
     """Ancestral sampling with temperature and nucleus (top-p) truncation."""
 
     def pick(lp: torch.Tensor) -> torch.Tensor:
         probs = (lp / max(temperature, 1e-6)).softmax(-1)
         if top_p < 1.0:
             sorted_p, idx = probs.sort(dim=-1, descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < top_p      # always keeps the most likely word
+            keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely word
             probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p * keep)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
@@ -146,5 +165,7 @@ def _sample_loop(decoder, pooled, grid, start_id, end_id, max_length, pick) -> l
     for b in range(batch):
         ids = seq[b].tolist()
         ids = ids[: ids.index(end_id)] if end_id in ids else ids
-        out.append(Hypothesis(ids, float(total[b]), float(total[b]), att[b, : len(ids)] if att is not None else None))
+        out.append(
+            Hypothesis(ids, float(total[b]), float(total[b]), att[b, : len(ids)] if att is not None else None)
+        )
     return out

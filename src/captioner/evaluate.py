@@ -21,10 +21,20 @@ from captioner.metrics import format_scores, score_captions
 from captioner.model import Captioner, resolve_model
 
 
-def evaluate_model(root: str | Path, *, split: str = "test", model: str | None = None, beam_size: int = 3,
-                   length_penalty: float = 0.0, batch_size: int = 32, limit: int | None = None,
-                   features: str | None = None, output: Path | None = None, skip_missing: bool = False,
-                   quiet: bool = False) -> dict:
+def evaluate_model(
+    root: str | Path,
+    *,
+    split: str = "test",
+    model: str | None = None,
+    beam_size: int = 3,
+    length_penalty: float = 0.0,
+    batch_size: int = 32,
+    limit: int | None = None,
+    features: str | None = None,
+    output: Path | None = None,
+    skip_missing: bool = False,
+    quiet: bool = False,
+) -> dict:
     data = load_dataset(root, skip_missing=skip_missing)
     examples = data.split(split)[:limit]
     captioner = Captioner.from_pretrained(model)
@@ -35,16 +45,20 @@ def evaluate_model(root: str | Path, *, split: str = "test", model: str | None =
     if features:
         store = FeatureStore.open(features)
         if store.encoder != captioner.encoder.name or store.preprocess != captioner.encoder.preprocess:
-            raise ValueError(f"{features}: features of {store.encoder} {store.preprocess}, but the model uses "
-                             f"{captioner.encoder.name} {captioner.encoder.preprocess}")
+            raise ValueError(
+                f"{features}: features of {store.encoder} {store.preprocess}, but the model uses "
+                f"{captioner.encoder.name} {captioner.encoder.preprocess}"
+            )
         rows = store.row_of()
         keys = [image_key(ex.image, data.root) for ex in examples]
         for s in range(0, len(keys), batch_size):
-            chunk = keys[s: s + batch_size]
+            chunk = keys[s : s + batch_size]
             pooled, grid = store.features([rows[k] for k in chunk])
             with torch.inference_mode():
                 hyps = captioner.generate(pooled, grid, **options)
-            generated.update({k: captioner.vocab.decode(h[0].tokens) for k, h in zip(chunk, hyps, strict=True)})
+            generated.update(
+                {k: captioner.vocab.decode(h[0].tokens) for k, h in zip(chunk, hyps, strict=True)}
+            )
     else:
         paths = [ex.image for ex in examples]
         for path, result in caption_files(captioner, paths, batch_size=batch_size, **options):
@@ -58,17 +72,32 @@ def evaluate_model(root: str | Path, *, split: str = "test", model: str | None =
     scored = {k: v for k, v in references.items() if k in generated}
     scores = score_captions(scored, {k: generated[k] or "<unk>" for k in scored}, spice=True)
     report = {
-        "model": str(resolve_model(model)), "data": str(data.root), "split": split, "images": len(examples),
-        "failed": len(errors), "beam_size": beam_size, "length_penalty": length_penalty,
-        "caption_seconds": round(seconds, 1), "scores": scores,
-        "captions": [{"image": k, "caption": generated.get(k), "references": references[k],
-                      **({"error": errors[k]} if k in errors else {})} for k in references],
+        "model": str(resolve_model(model)),
+        "data": str(data.root),
+        "split": split,
+        "images": len(examples),
+        "failed": len(errors),
+        "beam_size": beam_size,
+        "length_penalty": length_penalty,
+        "caption_seconds": round(seconds, 1),
+        "scores": scores,
+        "captions": [
+            {
+                "image": k,
+                "caption": generated.get(k),
+                "references": references[k],
+                **({"error": errors[k]} if k in errors else {}),
+            }
+            for k in references
+        ],
     }
     if not quiet:
         for key, message in errors.items():
             print(f"error: {key}: {message}", file=sys.stderr)
-        print(f"{split} split of {data.root}: {len(scored):,} images, beam size {beam_size}, "
-              f"captioned in {seconds:.0f} s")
+        print(
+            f"{split} split of {data.root}: {len(scored):,} images, beam size {beam_size}, "
+            f"captioned in {seconds:.0f} s"
+        )
         print(format_scores(scores))
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)

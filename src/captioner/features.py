@@ -72,12 +72,18 @@ class FeatureStore:
     def open(cls, root: str | Path, in_memory: bool = False) -> FeatureStore:
         root = Path(root)
         if not (root / "meta.json").exists():
-            raise FeatureCacheError(f"{root}: not a feature cache (no meta.json); make one with "
-                                    "`captioner extract-features`")
+            raise FeatureCacheError(
+                f"{root}: not a feature cache (no meta.json); make one with `captioner extract-features`"
+            )
         meta = json.loads((root / "meta.json").read_text())
         mode = None if in_memory else "r"
-        return cls(root, meta, np.load(root / "pooled.npy", mmap_mode=mode),
-                   np.load(root / "grid.npy", mmap_mode=mode), np.load(root / "done.npy"))
+        return cls(
+            root,
+            meta,
+            np.load(root / "pooled.npy", mmap_mode=mode),
+            np.load(root / "grid.npy", mmap_mode=mode),
+            np.load(root / "done.npy"),
+        )
 
     @property
     def encoder(self) -> str:
@@ -93,8 +99,10 @@ class FeatureStore:
 
     def features(self, rows: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         rows = np.asarray(rows)
-        return (torch.from_numpy(np.asarray(self.pooled[rows], dtype=np.float32)),
-                torch.from_numpy(np.asarray(self.grid[rows], dtype=np.float32)))
+        return (
+            torch.from_numpy(np.asarray(self.pooled[rows], dtype=np.float32)),
+            torch.from_numpy(np.asarray(self.grid[rows], dtype=np.float32)),
+        )
 
 
 def image_key(path: Path, root: Path) -> str:
@@ -105,9 +113,18 @@ def image_key(path: Path, root: Path) -> str:
         return path.resolve().as_posix()
 
 
-def extract_features(paths: Sequence[Path], keys: Sequence[str], encoder: Encoder, out: str | Path, *,
-                     batch_size: int = 32, num_workers: int = 1, progress: bool = True,
-                     rank: int = 0, world_size: int = 1) -> dict:
+def extract_features(
+    paths: Sequence[Path],
+    keys: Sequence[str],
+    encoder: Encoder,
+    out: str | Path,
+    *,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
     """Encode `paths` into the cache at `out`, resuming if it exists. Returns counts and any errors.
 
     With world_size > 1 every rank encodes its own share of rows (row % world_size == rank) into the same
@@ -121,12 +138,19 @@ def extract_features(paths: Sequence[Path], keys: Sequence[str], encoder: Encode
     grid = np.load(out / "grid.npy", mmap_mode="r+")
     done = np.load(out / "done.npy", mmap_mode="r+")
     todo = [r for r in range(len(keys)) if done[r] == PENDING and r % world_size == rank]
-    loader = DataLoader(ImageFiles(paths, todo, encoder.preprocess), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=as_list)
+    loader = DataLoader(
+        ImageFiles(paths, todo, encoder.preprocess),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=as_list,
+    )
     errors = []
     encoder.eval()
     bar = tqdm(total=len(todo), unit="img", desc=f"encoding with {encoder.name}", disable=not progress)
-    with torch.inference_mode(), open(out / ("errors.jsonl" if world_size == 1 else f"errors.rank{rank}.jsonl"), "a") as err_file:
+    with (
+        torch.inference_mode(),
+        open(out / ("errors.jsonl" if world_size == 1 else f"errors.rank{rank}.jsonl"), "a") as err_file,
+    ):
         for batch in loader:
             good = [(r, x) for r, x in batch if isinstance(x, torch.Tensor)]
             for r, message in ((r, x) for r, x in batch if isinstance(x, str)):
@@ -145,8 +169,13 @@ def extract_features(paths: Sequence[Path], keys: Sequence[str], encoder: Encode
             err_file.flush()
             bar.update(len(batch))
     bar.close()
-    return {"encoded": int((done == DONE).sum()), "failed": int((done == FAILED).sum()),
-            "total": len(keys), "errors": errors, "grid_shape": meta["grid_shape"]}
+    return {
+        "encoded": int((done == DONE).sum()),
+        "failed": int((done == FAILED).sum()),
+        "total": len(keys),
+        "errors": errors,
+        "grid_shape": meta["grid_shape"],
+    }
 
 
 def _open_or_create(out: Path, keys: Sequence[str], encoder: Encoder, create: bool) -> dict:
@@ -156,11 +185,15 @@ def _open_or_create(out: Path, keys: Sequence[str], encoder: Encoder, create: bo
         have = {"encoder": meta["encoder"], "preprocess": meta["preprocess"]}
         if have != wanted:
             raise FeatureCacheError(
-                f"{out}: this cache holds features of {have['encoder']} ({have['preprocess']}); refusing to add "
-                f"features of {wanted['encoder']} ({wanted['preprocess']}). Use another --out directory.")
+                f"{out}: this cache holds features of {have['encoder']} ({have['preprocess']}); "
+                "refusing to add "
+                f"features of {wanted['encoder']} ({wanted['preprocess']}). Use another --out directory."
+            )
         if meta["keys"] != list(keys):
-            raise FeatureCacheError(f"{out}: this cache was made for a different list of images "
-                                    f"({len(meta['keys'])} images, now {len(keys)}). Use another --out directory.")
+            raise FeatureCacheError(
+                f"{out}: this cache was made for a different list of images "
+                f"({len(meta['keys'])} images, now {len(keys)}). Use another --out directory."
+            )
         return meta
     if not create:
         raise FeatureCacheError(f"{out}: no cache yet (rank 0 creates it)")

@@ -25,18 +25,25 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+            found.extend(
+                sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            )
         else:
             found.append(p)  # a named file is always tried: a missing or bad one gets its error line
     return found
 
 
-def caption_files(model: Captioner, paths: Sequence[Path], *, batch_size: int = 16, num_workers: int = 1,
-                  **options) -> Iterator[tuple[Path, dict]]:
+def caption_files(
+    model: Captioner, paths: Sequence[Path], *, batch_size: int = 16, num_workers: int = 1, **options
+) -> Iterator[tuple[Path, dict]]:
     """Yield (path, result) in input order; result has caption/score/captions, or error."""
     files = ImageFiles(paths, range(len(paths)), model.encoder.preprocess)
-    loader = DataLoader(files, batch_size=batch_size, num_workers=num_workers if len(paths) > batch_size else 0,
-                        collate_fn=as_list)
+    loader = DataLoader(
+        files,
+        batch_size=batch_size,
+        num_workers=num_workers if len(paths) > batch_size else 0,
+        collate_fn=as_list,
+    )
     for batch in loader:
         good = [(i, x) for i, x in batch if isinstance(x, torch.Tensor)]
         captions = iter(model.caption_tensors(torch.stack([x for _, x in good]), **options) if good else [])
@@ -45,12 +52,26 @@ def caption_files(model: Captioner, paths: Sequence[Path], *, batch_size: int = 
                 yield paths[i], {"error": x}
             else:
                 c = next(captions)
-                yield paths[i], {"caption": c.caption, "score": round(c.score, 4),
-                                 "captions": [{"caption": t, "score": round(s, 4)} for t, s in c.captions]}
+                yield (
+                    paths[i],
+                    {
+                        "caption": c.caption,
+                        "score": round(c.score, 4),
+                        "captions": [{"caption": t, "score": round(s, 4)} for t, s in c.captions],
+                    },
+                )
 
 
-def caption_paths(inputs: Sequence[str], *, model: str | None, beam_size: int = 3, n_best: int = 1,
-                  length_penalty: float = 0.0, batch_size: int = 16, fmt: str = "text") -> int:
+def caption_paths(
+    inputs: Sequence[str],
+    *,
+    model: str | None,
+    beam_size: int = 3,
+    n_best: int = 1,
+    length_penalty: float = 0.0,
+    batch_size: int = 16,
+    fmt: str = "text",
+) -> int:
     """The `captioner caption` command: returns the exit status (1 if any file failed)."""
     paths = find_images(inputs)
     if not paths:
@@ -58,8 +79,14 @@ def caption_paths(inputs: Sequence[str], *, model: str | None, beam_size: int = 
         return 1
     captioner = Captioner.from_pretrained(model)
     failed = 0
-    for path, result in caption_files(captioner, paths, batch_size=batch_size, beam_size=beam_size,
-                                      n_best=n_best, length_penalty=length_penalty):
+    for path, result in caption_files(
+        captioner,
+        paths,
+        batch_size=batch_size,
+        beam_size=beam_size,
+        n_best=n_best,
+        length_penalty=length_penalty,
+    ):
         if "error" in result:
             failed += 1
         if fmt == "jsonl":

@@ -48,8 +48,13 @@ def spice_unavailable_reason() -> str | None:
     return None
 
 
-def score_captions(references: Mapping[str, Sequence[str]], candidates: Mapping[str, str], *,
-                   metrics: Sequence[str] = METRICS, spice: bool = False) -> dict[str, float | str]:
+def score_captions(
+    references: Mapping[str, Sequence[str]],
+    candidates: Mapping[str, str],
+    *,
+    metrics: Sequence[str] = METRICS,
+    spice: bool = False,
+) -> dict[str, float | str]:
     """Corpus scores (0-100) of one candidate per id against that id's references."""
     return CaptionScorer(references).score(candidates, metrics=metrics, spice=spice)
 
@@ -63,11 +68,14 @@ class CaptionScorer:
             raise ValueError("no reference captions to score against")
         self.references = tokenize(references)
 
-    def score(self, candidates: Mapping[str, str], *, metrics: Sequence[str] = METRICS,
-              spice: bool = False) -> dict[str, float | str]:
+    def score(
+        self, candidates: Mapping[str, str], *, metrics: Sequence[str] = METRICS, spice: bool = False
+    ) -> dict[str, float | str]:
         if set(self.references) != set(candidates):
             differ = sorted(set(self.references) ^ set(candidates))[:5]
-            raise ValueError(f"references and candidates must cover the same images (they differ at {differ})")
+            raise ValueError(
+                f"references and candidates must cover the same images (they differ at {differ})"
+            )
         refs = self.references
         cands = tokenize({k: [v] for k, v in candidates.items()})
         scores: dict[str, float | str] = {}
@@ -108,6 +116,6 @@ def _spice(refs: dict[str, list[str]], cands: dict[str, list[str]]) -> float:
 
 def format_scores(scores: Mapping[str, float | str]) -> str:
     width = max(len(k) for k in scores)
-    return "\n".join(f"{k:<{width}}  {v:6.2f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
-                     for k, v in scores.items())
-
+    return "\n".join(
+        f"{k:<{width}}  {v:6.2f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in scores.items()
+    )

@@ -44,10 +44,10 @@ class Caption:
     """One image's result: the best caption, and the n best with their scores."""
 
     caption: str
-    score: float                        # length-penalised log-probability of the best caption
-    captions: list[tuple[str, float]]   # n best (caption, score), best first
+    score: float  # length-penalised log-probability of the best caption
+    captions: list[tuple[str, float]]  # n best (caption, score), best first
     words: list[str]
-    attention: torch.Tensor | None      # [len(words), H*W] for attention decoders
+    attention: torch.Tensor | None  # [len(words), H*W] for attention decoders
     grid_shape: tuple[int, int] | None  # (H, W) of the attention grid
 
 
@@ -60,37 +60,66 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
     if (BUNDLED_DIR / name / "config.json").exists():
         return BUNDLED_DIR / name
     bundled = sorted(p.name for p in BUNDLED_DIR.glob("*") if (p / "config.json").exists())
-    raise CheckpointError(f"{name}: not a checkpoint directory (no config.json) nor a bundled model "
-                          f"({', '.join(bundled) or 'none installed'})")
+    raise CheckpointError(
+        f"{name}: not a checkpoint directory (no config.json) nor a bundled model "
+        f"({', '.join(bundled) or 'none installed'})"
+    )
 
 
 class Captioner(nn.Module):
-    def __init__(self, encoder: Encoder, decoder: nn.Module, vocab: Vocabulary, decoder_config: dict,
-                 encoder_finetuned: bool = False):
+    def __init__(
+        self,
+        encoder: Encoder,
+        decoder: nn.Module,
+        vocab: Vocabulary,
+        decoder_config: dict,
+        encoder_finetuned: bool = False,
+    ):
         super().__init__()
         self.encoder, self.decoder, self.vocab = encoder, decoder, vocab
         self.decoder_config = dict(decoder_config)  # {"name": ..., **options}
         self.encoder_finetuned = encoder_finetuned
 
     @classmethod
-    def build(cls, encoder: str | Encoder, decoder_config: dict, vocab: Vocabulary,
-              pretrained_encoder: bool = True, preprocess: Preprocess | None = None) -> Captioner:
-        enc = encoder if isinstance(encoder, Encoder) else create_encoder(
-            encoder, pretrained=pretrained_encoder, preprocess=preprocess)
+    def build(
+        cls,
+        encoder: str | Encoder,
+        decoder_config: dict,
+        vocab: Vocabulary,
+        pretrained_encoder: bool = True,
+        preprocess: Preprocess | None = None,
+    ) -> Captioner:
+        enc = (
+            encoder
+            if isinstance(encoder, Encoder)
+            else create_encoder(encoder, pretrained=pretrained_encoder, preprocess=preprocess)
+        )
         options = {k: v for k, v in decoder_config.items() if k != "name"}
-        dec = create_decoder(decoder_config["name"], vocab_size=len(vocab), feature_dim=enc.feature_dim, **options)
+        dec = create_decoder(
+            decoder_config["name"], vocab_size=len(vocab), feature_dim=enc.feature_dim, **options
+        )
         return cls(enc, dec, vocab, decoder_config)
 
     # --- checkpoints ---
 
     def config(self) -> dict:
-        return {"captioner_version": __version__, "format_version": FORMAT_VERSION,
-                "encoder": {"name": self.encoder.name, "preprocess": self.encoder.preprocess.to_dict(),
-                            "finetuned": self.encoder_finetuned},
-                "decoder": self.decoder_config}
+        return {
+            "captioner_version": __version__,
+            "format_version": FORMAT_VERSION,
+            "encoder": {
+                "name": self.encoder.name,
+                "preprocess": self.encoder.preprocess.to_dict(),
+                "finetuned": self.encoder_finetuned,
+            },
+            "decoder": self.decoder_config,
+        }
 
-    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                        extra: Callable[[Path], None] | None = None) -> Path:
+    def save_pretrained(
+        self,
+        path: str | os.PathLike,
+        dtype: torch.dtype = torch.float32,
+        extra: Callable[[Path], None] | None = None,
+    ) -> Path:
         """Write the checkpoint directory atomically: a reader sees the old one or the new one, whole."""
         from safetensors.torch import save_file
 
@@ -98,10 +127,14 @@ class Captioner(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            tensors = {f"decoder.{k}": v.detach().to(dtype).contiguous() for k, v in self.decoder.state_dict().items()}
+            tensors = {
+                f"decoder.{k}": v.detach().to(dtype).contiguous()
+                for k, v in self.decoder.state_dict().items()
+            }
             if self.encoder_finetuned:
-                tensors.update({f"encoder.{k}": v.detach().contiguous()
-                                for k, v in self.encoder.state_dict().items()})
+                tensors.update(
+                    {f"encoder.{k}": v.detach().contiguous() for k, v in self.encoder.state_dict().items()}
+                )
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             (tmp / "config.json").write_text(json.dumps(self.config(), indent=2) + "\n")
             self.vocab.save(tmp / "vocab.json")
@@ -113,7 +146,9 @@ class Captioner(nn.Module):
         return path
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, *, device: str = "cpu") -> Captioner:
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike | None = None, *, device: str = "cpu"
+    ) -> Captioner:
         """Load a checkpoint directory, or a bundled model by name (default: the bundled Flickr8k model)."""
         from safetensors.torch import load_file
 
@@ -122,30 +157,53 @@ class Captioner(nn.Module):
         check_compatible(config, path)
         vocab = Vocabulary.load(path / "vocab.json")
         enc_cfg = config["encoder"]
-        model = cls.build(enc_cfg["name"], config["decoder"], vocab,
-                          pretrained_encoder=not enc_cfg.get("finetuned", False),
-                          preprocess=Preprocess.from_dict(enc_cfg["preprocess"]))
+        model = cls.build(
+            enc_cfg["name"],
+            config["decoder"],
+            vocab,
+            pretrained_encoder=not enc_cfg.get("finetuned", False),
+            preprocess=Preprocess.from_dict(enc_cfg["preprocess"]),
+        )
         tensors = load_file(str(path / "model.safetensors"))
-        model.decoder.load_state_dict({k[8:]: v.float() for k, v in tensors.items() if k.startswith("decoder.")})
+        model.decoder.load_state_dict(
+            {k[8:]: v.float() for k, v in tensors.items() if k.startswith("decoder.")}
+        )
         if enc_cfg.get("finetuned", False):
-            model.encoder.load_state_dict({k[8:]: v.float() for k, v in tensors.items() if k.startswith("encoder.")})
+            model.encoder.load_state_dict(
+                {k[8:]: v.float() for k, v in tensors.items() if k.startswith("encoder.")}
+            )
             model.encoder_finetuned = True
         return model.to(device).eval()
 
     # --- captioning ---
 
-    def generate(self, pooled: torch.Tensor, grid: torch.Tensor, *, beam_size: int = 3, n_best: int = 1,
-                 length_penalty: float = 0.0, max_length: int | None = None, temperature: float | None = None,
-                 top_p: float = 1.0) -> list[list[Hypothesis]]:
-        """Decode captions from encoder features: beam search, greedy (beam_size=1) or sampling (temperature)."""
-        ids = {"start_id": self.vocab.start_id, "end_id": self.vocab.end_id,
-               "max_length": max_length or self.vocab.max_length}
+    def generate(
+        self,
+        pooled: torch.Tensor,
+        grid: torch.Tensor,
+        *,
+        beam_size: int = 3,
+        n_best: int = 1,
+        length_penalty: float = 0.0,
+        max_length: int | None = None,
+        temperature: float | None = None,
+        top_p: float = 1.0,
+    ) -> list[list[Hypothesis]]:
+        """Decode captions from features: beam search, greedy (beam_size=1) or sampling (temperature)."""
+        ids = {
+            "start_id": self.vocab.start_id,
+            "end_id": self.vocab.end_id,
+            "max_length": max_length or self.vocab.max_length,
+        }
         if temperature is not None:
-            return [[h] for h in sample(self.decoder, pooled, grid, temperature=temperature, top_p=top_p, **ids)]
+            return [
+                [h] for h in sample(self.decoder, pooled, grid, temperature=temperature, top_p=top_p, **ids)
+            ]
         if beam_size == 1 and n_best == 1:
             return [[h] for h in greedy(self.decoder, pooled, grid, **ids)]
-        return beam_search(self.decoder, pooled, grid, beam_size=beam_size, n_best=n_best, alpha=length_penalty,
-                           **ids)
+        return beam_search(
+            self.decoder, pooled, grid, beam_size=beam_size, n_best=n_best, alpha=length_penalty, **ids
+        )
 
     @torch.inference_mode()
     def caption_tensors(self, images: torch.Tensor, **options) -> list[Caption]:
@@ -158,11 +216,21 @@ class Captioner(nn.Module):
         for hyps in self.generate(pooled, grid, **options):
             best = hyps[0]
             words = [self.vocab.words[i] for i in best.tokens]
-            out.append(Caption(" ".join(words), best.score,
-                               [(self.vocab.decode(h.tokens), h.score) for h in hyps], words, best.attention, shape))
+            out.append(
+                Caption(
+                    " ".join(words),
+                    best.score,
+                    [(self.vocab.decode(h.tokens), h.score) for h in hyps],
+                    words,
+                    best.attention,
+                    shape,
+                )
+            )
         return out
 
-    def caption(self, images: str | os.PathLike | Sequence[str | os.PathLike], **options) -> Caption | list[Caption]:
+    def caption(
+        self, images: str | os.PathLike | Sequence[str | os.PathLike], **options
+    ) -> Caption | list[Caption]:
         """Caption one image path (returns a Caption) or a list of them (returns a list)."""
         single = isinstance(images, str | os.PathLike)
         paths = [images] if single else list(images)
@@ -176,9 +244,11 @@ def check_compatible(config: dict, path: Path) -> None:
     """Refuse, clearly, a checkpoint written in a layout this version cannot read."""
     fmt = config.get("format_version")
     if fmt != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {fmt} written by captioner "
-                              f"{config.get('captioner_version', '?')}; this is captioner {__version__}, "
-                              f"which reads format {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path}: checkpoint format {fmt} written by captioner "
+            f"{config.get('captioner_version', '?')}; this is captioner {__version__}, "
+            f"which reads format {FORMAT_VERSION}"
+        )
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -39,6 +39,7 @@ STATE_FILE = "training_state.pt"
 
 # --- data: (image or its features, caption) pairs ---
 
+
 class FeaturePairs(TorchDataset):
     """Pairs read from a feature cache: (pooled, grid, caption ids)."""
 
@@ -93,8 +94,10 @@ class Source:
     def row(self, example: Example) -> int:
         key = image_key(example.image, self.root)
         if key not in self.rows:
-            raise ValueError(f"{self.store.root if self.store else ''}: no features for {key}; "
-                             "re-run `captioner extract-features` on this data set")
+            raise ValueError(
+                f"{self.store.root if self.store else ''}: no features for {key}; "
+                "re-run `captioner extract-features` on this data set"
+            )
         return self.rows[key]
 
     def pairs(self, examples: Sequence[Example], vocab: Vocabulary, train: bool) -> TorchDataset:
@@ -116,13 +119,15 @@ class Source:
         """Features of whole images, for validation."""
         if self.store is not None:
             return self.store.features([self.row(ex) for ex in examples])
-        images = torch.stack([build_transform(self.model.encoder.preprocess)(load_image(ex.image))
-                              for ex in examples])
+        images = torch.stack(
+            [build_transform(self.model.encoder.preprocess)(load_image(ex.image)) for ex in examples]
+        )
         with torch.no_grad():
             return self.model.encoder(images)
 
 
 # --- the loop ---
+
 
 def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
     """Train as `config` says; returns the directory of the best checkpoint."""
@@ -131,8 +136,10 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     last, best = out / "last", out / "best"
     if not resume and (last / STATE_FILE).exists():
-        raise FileExistsError(f"{out}: a training run is already there; pass --resume to continue it, "
-                              "or choose another train.out_dir")
+        raise FileExistsError(
+            f"{out}: a training run is already there; pass --resume to continue it, "
+            "or choose another train.out_dir"
+        )
     _seed(tc.seed)
 
     data = load_dataset(config.data.root, skip_missing=config.data.skip_missing)
@@ -141,18 +148,23 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
     if resume and (last / "vocab.json").exists():
         vocab = Vocabulary.load(last / "vocab.json")
     else:
-        vocab = Vocabulary.build((c for ex in train_examples for c in ex.captions), config.data.min_count,
-                                 config.data.length_percentile)
+        vocab = Vocabulary.build(
+            (c for ex in train_examples for c in ex.captions),
+            config.data.min_count,
+            config.data.length_percentile,
+        )
 
     store = FeatureStore.open(config.data.features, in_memory=True) if config.data.features else None
     if store is not None and store.encoder != config.encoder.name:
-        raise ValueError(f"{config.data.features}: features of {store.encoder}, but encoder.name is "
-                         f"{config.encoder.name}")
+        raise ValueError(
+            f"{config.data.features}: features of {store.encoder}, but encoder.name is {config.encoder.name}"
+        )
     # With a feature cache the encoder's weights are not needed to train: the checkpoint names the encoder
     # and loads its pretrained weights later. Its preprocessing must be the one the cache was made with.
     encoder = create_encoder(config.encoder.name, pretrained=store is None)
-    encoder.preprocess = (store.preprocess if store
-                          else dataclasses.replace(encoder.preprocess, resize=config.encoder.resize))
+    encoder.preprocess = (
+        store.preprocess if store else dataclasses.replace(encoder.preprocess, resize=config.encoder.resize)
+    )
     model = Captioner.build(encoder, config.decoder.options(), vocab)
     if config.decoder.glove and not resume:
         found = load_glove(model.decoder.embed, vocab, config.decoder.glove)
@@ -167,8 +179,9 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
     pairs = source.pairs(train_examples, vocab, train=True)
     groups = [{"params": [p for p in model.decoder.parameters()], "lr": tc.lr}]
     if model.encoder_finetuned:
-        groups.append({"params": [p for p in model.encoder.parameters() if p.requires_grad],
-                       "lr": config.encoder.lr})
+        groups.append(
+            {"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": config.encoder.lr}
+        )
     optimizer = torch.optim.Adam(groups, weight_decay=tc.weight_decay)
     scheduler = _scheduler(optimizer, tc)
     steps_per_epoch = math.ceil(len(pairs) / tc.batch_size)
@@ -202,14 +215,25 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
         # global one that dropout draws from, so a resumed run repeats the interrupted one exactly.
         epoch_rng = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
         order = torch.randperm(len(pairs), generator=epoch_rng)
-        batches = [order[i: i + tc.batch_size].tolist() for i in range(0, len(pairs), tc.batch_size)]
-        loader = DataLoader(pairs, batch_sampler=batches[state["step_in_epoch"]:], collate_fn=collate,
-                            num_workers=tc.num_workers, generator=epoch_rng)
+        batches = [order[i : i + tc.batch_size].tolist() for i in range(0, len(pairs), tc.batch_size)]
+        loader = DataLoader(
+            pairs,
+            batch_sampler=batches[state["step_in_epoch"] :],
+            collate_fn=collate,
+            num_workers=tc.num_workers,
+            generator=epoch_rng,
+        )
         model.train()
         if not model.encoder_finetuned:
             model.encoder.eval()
-        bar = tqdm(loader, total=steps_per_epoch, initial=state["step_in_epoch"], disable=not progress,
-                   desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch")
+        bar = tqdm(
+            loader,
+            total=steps_per_epoch,
+            initial=state["step_in_epoch"],
+            disable=not progress,
+            desc=f"epoch {epoch + 1}/{tc.epochs}",
+            unit="batch",
+        )
         started, seen = time.perf_counter(), 0
         for first, grid, tokens in bar:
             pooled, grid = source.encode(first, grid)
@@ -226,7 +250,9 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if state["global_step"] % tc.log_every == 0:
                 rate = seen / max(time.perf_counter() - started, 1e-9)
-                log.write("train", state, loss=loss.item(), lr=optimizer.param_groups[0]["lr"], captions_per_s=rate)
+                log.write(
+                    "train", state, loss=loss.item(), lr=optimizer.param_groups[0]["lr"], captions_per_s=rate
+                )
                 started, seen = time.perf_counter(), 0
             if tc.save_every_steps and state["global_step"] % tc.save_every_steps == 0:
                 save(last)
@@ -258,19 +284,28 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
 
 
 @torch.no_grad()
-def validate(model: Captioner, source: Source, examples: Sequence[Example], features, scorer: CaptionScorer,
-             beam_size: int = 1, batch_size: int = 100) -> dict[str, float]:
+def validate(
+    model: Captioner,
+    source: Source,
+    examples: Sequence[Example],
+    features,
+    scorer: CaptionScorer,
+    beam_size: int = 1,
+    batch_size: int = 100,
+) -> dict[str, float]:
     """Decode real captions for the validation images and score them (CIDEr-D, BLEU-4)."""
     model.eval()
     captions: dict[str, str] = {}
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start: start + batch_size]
+        chunk = examples[start : start + batch_size]
         if features is not None:
-            pooled, grid = features[0][start: start + batch_size], features[1][start: start + batch_size]
+            pooled, grid = features[0][start : start + batch_size], features[1][start : start + batch_size]
         else:
             pooled, grid = source.features(chunk)
         for j, hyps in enumerate(model.generate(pooled, grid, beam_size=beam_size)):
-            captions[str(start + j)] = model.vocab.decode(hyps[0].tokens) or model.vocab.words[model.vocab.unk_id]
+            captions[str(start + j)] = (
+                model.vocab.decode(hyps[0].tokens) or model.vocab.words[model.vocab.unk_id]
+            )
     model.train()
     scores = scorer.score(captions, metrics=("BLEU-4", "CIDEr"))
     return {k: float(v) for k, v in scores.items()}
@@ -285,8 +320,10 @@ def load_glove(embedding: nn.Embedding, vocab: Vocabulary, path: str | Path) -> 
             if word not in vocab.index:
                 continue
             if len(values) != embedding.embedding_dim:
-                raise ValueError(f"{path}, line {number}: {len(values)} numbers, but decoder.embed_dim is "
-                                 f"{embedding.embedding_dim}")
+                raise ValueError(
+                    f"{path}, line {number}: {len(values)} numbers, but decoder.embed_dim is "
+                    f"{embedding.embedding_dim}"
+                )
             with torch.no_grad():
                 embedding.weight[vocab.index[word]] = torch.tensor([float(v) for v in values])
             found += 1
@@ -295,10 +332,12 @@ def load_glove(embedding: nn.Embedding, vocab: Vocabulary, path: str | Path) -> 
 
 # --- schedules, state, seeds ---
 
+
 def _scheduler(optimizer: torch.optim.Optimizer, tc) -> torch.optim.lr_scheduler.LRScheduler | None:
     if tc.schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=tc.lr_decay,
-                                                          patience=tc.lr_patience - 1)
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=tc.lr_decay, patience=tc.lr_patience - 1
+        )
     if tc.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(tc.epochs, 1))
     if tc.schedule == "constant":
@@ -316,9 +355,13 @@ def _step_scheduler(scheduler, tc, cider: float) -> None:
 
 
 def _training_state(state: dict, optimizer, scheduler) -> dict:
-    return {"state": dict(state), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    return {
+        "state": dict(state),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+    }
 
 
 def _load_state(last: Path, model: Captioner, optimizer, scheduler) -> dict:
@@ -367,8 +410,15 @@ class MetricsLog:
             self.tb = None
 
     def write(self, kind: str, state: dict, **values) -> None:
-        row = {"kind": kind, "epoch": state["epoch"], "step": state["global_step"], "time": round(time.time(), 1)}
-        row.update({k: (round(v, 5) if isinstance(v, float) else v) for k, v in values.items() if v is not None})
+        row = {
+            "kind": kind,
+            "epoch": state["epoch"],
+            "step": state["global_step"],
+            "time": round(time.time(), 1),
+        }
+        row.update(
+            {k: (round(v, 5) if isinstance(v, float) else v) for k, v in values.items() if v is not None}
+        )
         self.csv.writerow(row)
         self.file.flush()
         if self.tb is not None:

@@ -36,8 +36,8 @@ def percentile(values: Sequence[int], q: float) -> int:
 
 @dataclass
 class Vocabulary:
-    words: list[str]                      # index -> word; the four specials come first
-    max_length: int                       # longest caption (in words, without <start>/<end>) the model emits
+    words: list[str]  # index -> word; the four specials come first
+    max_length: int  # longest caption (in words, without <start>/<end>) the model emits
     keep_punctuation: bool = False
     index: dict[str, int] = field(init=False, repr=False)
 
@@ -57,8 +57,13 @@ class Vocabulary:
         return len(self.words)
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_count: int = 5, length_percentile: float = 95.0,
-              keep_punctuation: bool = False) -> Vocabulary:
+    def build(
+        cls,
+        captions: Iterable[str],
+        min_count: int = 5,
+        length_percentile: float = 95.0,
+        keep_punctuation: bool = False,
+    ) -> Vocabulary:
         """Words seen at least `min_count` times, most frequent first (ties alphabetical: deterministic)."""
         counts: Counter[str] = Counter()
         lengths = []

@@ -22,30 +22,43 @@ class Attention(nn.Module):
 
     def forward(self, grid: torch.Tensor, grid_att: torch.Tensor, h: torch.Tensor):
         """grid [B, L, D], grid_att = feature_att(grid) [B, L, A] (computed once per image), h [B, H]."""
-        e = self.score(torch.tanh(grid_att + self.hidden_att(h).unsqueeze(1))).squeeze(2)   # [B, L]
+        e = self.score(torch.tanh(grid_att + self.hidden_att(h).unsqueeze(1))).squeeze(2)  # [B, L]
         alpha = e.softmax(dim=1)
         return (grid * alpha.unsqueeze(2)).sum(dim=1), alpha
 
 
 @register("attention")
 class SoftAttention(nn.Module):
-    def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int = 512, hidden_dim: int = 512,
-                 attention_dim: int = 512, dropout: float = 0.5, alpha_c: float = 1.0, **_: object):
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        embed_dim: int = 512,
+        hidden_dim: int = 512,
+        attention_dim: int = 512,
+        dropout: float = 0.5,
+        alpha_c: float = 1.0,
+        **_: object,
+    ):
         super().__init__()
         self.alpha_c = alpha_c
         self.attention = Attention(feature_dim, hidden_dim, attention_dim)
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.init_h = nn.Linear(feature_dim, hidden_dim)
         self.init_c = nn.Linear(feature_dim, hidden_dim)
-        self.gate = nn.Linear(hidden_dim, feature_dim)       # the gating scalar beta, one per feature channel
+        self.gate = nn.Linear(hidden_dim, feature_dim)  # the gating scalar beta, one per feature channel
         self.cell = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(hidden_dim, vocab_size)
 
     def init_state(self, pooled: torch.Tensor, grid: torch.Tensor) -> dict[str, torch.Tensor]:
         mean = grid.mean(dim=1)
-        return {"h": torch.tanh(self.init_h(mean)), "c": torch.tanh(self.init_c(mean)),
-                "grid": grid, "grid_att": self.attention.feature_att(grid)}
+        return {
+            "h": torch.tanh(self.init_h(mean)),
+            "c": torch.tanh(self.init_c(mean)),
+            "grid": grid,
+            "grid_att": self.attention.feature_att(grid),
+        }
 
     def _advance(self, embedded: torch.Tensor, state: dict[str, torch.Tensor]):
         context, alpha = self.attention(state["grid"], state["grid_att"], state["h"])
@@ -62,8 +75,8 @@ class SoftAttention(nn.Module):
             outputs.append(h)
             alphas.append(alpha)
         logits = self.fc(self.dropout(torch.stack(outputs, dim=1)))
-        alphas_t = torch.stack(alphas, dim=1)                               # [B, T, L]
-        real = (tokens != 0).float().unsqueeze(2)                          # no attention budget for <pad>
+        alphas_t = torch.stack(alphas, dim=1)  # [B, T, L]
+        real = (tokens != 0).float().unsqueeze(2)  # no attention budget for <pad>
         penalty = ((1.0 - (alphas_t * real).sum(dim=1)) ** 2).mean()
         return logits, self.alpha_c * penalty
 

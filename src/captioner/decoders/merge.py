@@ -14,14 +14,23 @@ from captioner.decoders import register
 
 @register("merge")
 class Merge(nn.Module):
-    def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int = 512, hidden_dim: int = 512,
-                 dropout: float = 0.5, **_: object):
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        embed_dim: int = 512,
+        hidden_dim: int = 512,
+        dropout: float = 0.5,
+        **_: object,
+    ):
         super().__init__()
         self.image_proj = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, hidden_dim), nn.ReLU())
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.lstm = nn.LSTM(embed_dim, hidden_dim, batch_first=True)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, vocab_size))
+        self.head = nn.Sequential(
+            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, vocab_size)
+        )
 
     def _predict(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.head(image + self.dropout(text))

@@ -10,8 +10,15 @@ from captioner.decoders import register
 
 @register("show_tell")
 class ShowTell(nn.Module):
-    def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int = 512, hidden_dim: int = 512,
-                 dropout: float = 0.5, **_: object):
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        embed_dim: int = 512,
+        hidden_dim: int = 512,
+        dropout: float = 0.5,
+        **_: object,
+    ):
         super().__init__()
         self.image_proj = nn.Sequential(nn.Linear(feature_dim, embed_dim), nn.Dropout(dropout))
         self.embed = nn.Embedding(vocab_size, embed_dim)
@@ -20,7 +27,7 @@ class ShowTell(nn.Module):
         self.fc = nn.Linear(hidden_dim, vocab_size)
 
     def forward(self, pooled: torch.Tensor, grid: torch.Tensor, tokens: torch.Tensor):
-        image = self.image_proj(pooled).unsqueeze(1)              # time step -1: the image
+        image = self.image_proj(pooled).unsqueeze(1)  # time step -1: the image
         inputs = torch.cat([image, self.dropout(self.embed(tokens))], dim=1)
         out, _ = self.lstm(inputs)
         return self.fc(self.dropout(out[:, 1:])), pooled.new_zeros(())

@@ -1,0 +1,97 @@
+"""The command line, end to end, on the tiny data set and a tiny trained model."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+from captioner.cli import main
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "images"
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "captioner.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_version_and_help_are_quick_and_import_no_torch():
+    code = "import sys, captioner.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.startswith("captioner ")
+    assert "caption" in run("--help").stdout
+
+
+def test_caption_jsonl_with_broken_files(tiny_model, tiny_data, tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("red_square_0.jpg", "blue_circle_1.jpg"):
+        shutil.copy(tiny_data / "images" / name, folder / name)
+    shutil.copy(tiny_data / "images" / "green_square_2.jpg", folder / "sub" / "green.jpg")
+    for bad in ("truncated.jpg", "empty.jpg", "not_an_image.jpg"):
+        shutil.copy(FIXTURES / bad, folder / bad)
+    (folder / "notes.txt").write_text("not an image and not an image suffix: ignored in folders")
+
+    result = run("caption", folder, "--model", tiny_model, "--format", "jsonl", "--n-best", "2", "--batch-size", 2)
+    assert result.returncode == 1
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == 6
+    errors = {r["image"].rsplit("/", 1)[1]: r["error"] for r in records if "error" in r}
+    assert set(errors) == {"truncated.jpg", "empty.jpg", "not_an_image.jpg"}
+    assert "truncated" in errors["truncated.jpg"] and "empty" in errors["empty.jpg"]
+    good = [r for r in records if "error" not in r]
+    assert len(good) == 3
+    for r in good:
+        assert r["caption"] and isinstance(r["score"], float)
+        assert len(r["captions"]) == 2 and r["captions"][0]["caption"] == r["caption"]
+
+
+def test_caption_text_format(tiny_model, tiny_data):
+    image = tiny_data / "images" / "red_square_0.jpg"
+    result = run("caption", image, "--model", tiny_model, "--beam-size", 1)
+    assert result.returncode == 0, result.stderr
+    path, caption = result.stdout.strip().split("\t")
+    assert path == str(image) and caption
+
+
+def test_missing_file_is_an_error_line_not_a_crash(tiny_model, tmp_path):
+    result = run("caption", tmp_path / "nope.jpg", "--model", tiny_model)
+    assert result.returncode == 1
+    assert "nope.jpg" in result.stderr and "not found" in result.stderr
+
+
+def test_evaluate_writes_scores_and_captions(tiny_model, tiny_data, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(tiny_data), "--split", "test", "--model", str(tiny_model), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for metric in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"):
+        assert metric in printed
+    report = json.loads(out.read_text())
+    assert report["images"] == 8 and len(report["captions"]) == 8
+    assert all(0 <= v <= 100 for k, v in report["scores"].items() if k.startswith("BLEU"))
+    assert isinstance(report["scores"]["SPICE"], str) or report["scores"]["SPICE"] >= 0
+
+
+def test_evaluate_from_features_matches_images(tiny_model, tiny_data, tiny_features):
+    from captioner.evaluate import evaluate_model
+
+    a = evaluate_model(tiny_data, split="test", model=str(tiny_model), quiet=True)
+    b = evaluate_model(tiny_data, split="test", model=str(tiny_model), features=str(tiny_features), quiet=True)
+    assert [c["caption"] for c in a["captions"]] == [c["caption"] for c in b["captions"]]
+
+
+def test_data_inspect(tiny_data, capsys):
+    assert main(["data", "inspect", str(tiny_data)]) == 0
+    out = capsys.readouterr().out
+    assert "csv" in out and "32" in out
+
+
+def test_bad_data_dir_is_a_clear_error(tmp_path, capsys):
+    assert main(["data", "inspect", str(tmp_path)]) == 1
+    assert str(tmp_path) in capsys.readouterr().err
+
+
+def test_extract_features_refuses_another_encoder(tiny_data, tiny_features, capsys):
+    assert main(["extract-features", str(tiny_data), "--encoder", "mobilenet_v2", "--out", str(tiny_features)]) == 1
+    assert "refusing" in capsys.readouterr().err
