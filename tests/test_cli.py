@@ -11,13 +11,16 @@ FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "images"
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "captioner.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "captioner.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_version_and_help_are_quick_and_import_no_torch():
     code = "import sys, captioner.cli; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    )
     result = run("--version")
     assert result.returncode == 0 and result.stdout.startswith("captioner ")
     assert "caption" in run("--help").stdout
@@ -33,7 +36,9 @@ def test_caption_jsonl_with_broken_files(tiny_model, tiny_data, tmp_path):
         shutil.copy(FIXTURES / bad, folder / bad)
     (folder / "notes.txt").write_text("not an image and not an image suffix: ignored in folders")
 
-    result = run("caption", folder, "--model", tiny_model, "--format", "jsonl", "--n-best", "2", "--batch-size", 2)
+    result = run(
+        "caption", folder, "--model", tiny_model, "--format", "jsonl", "--n-best", "2", "--batch-size", 2
+    )
     assert result.returncode == 1
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(records) == 6
@@ -63,7 +68,12 @@ def test_missing_file_is_an_error_line_not_a_crash(tiny_model, tmp_path):
 
 def test_evaluate_writes_scores_and_captions(tiny_model, tiny_data, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert main(["evaluate", str(tiny_data), "--split", "test", "--model", str(tiny_model), "--output", str(out)]) == 0
+    assert (
+        main(
+            ["evaluate", str(tiny_data), "--split", "test", "--model", str(tiny_model), "--output", str(out)]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     for metric in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"):
         assert metric in printed
@@ -77,7 +87,9 @@ def test_evaluate_from_features_matches_images(tiny_model, tiny_data, tiny_featu
     from captioner.evaluate import evaluate_model
 
     a = evaluate_model(tiny_data, split="test", model=str(tiny_model), quiet=True)
-    b = evaluate_model(tiny_data, split="test", model=str(tiny_model), features=str(tiny_features), quiet=True)
+    b = evaluate_model(
+        tiny_data, split="test", model=str(tiny_model), features=str(tiny_features), quiet=True
+    )
     assert [c["caption"] for c in a["captions"]] == [c["caption"] for c in b["captions"]]
 
 
@@ -93,5 +105,8 @@ def test_bad_data_dir_is_a_clear_error(tmp_path, capsys):
 
 
 def test_extract_features_refuses_another_encoder(tiny_data, tiny_features, capsys):
-    assert main(["extract-features", str(tiny_data), "--encoder", "mobilenet_v2", "--out", str(tiny_features)]) == 1
+    assert (
+        main(["extract-features", str(tiny_data), "--encoder", "mobilenet_v2", "--out", str(tiny_features)])
+        == 1
+    )
     assert "refusing" in capsys.readouterr().err

@@ -8,7 +8,15 @@ import pytest
 
 from captioner.data import load_dataset
 from captioner.encoders import create_encoder
-from captioner.features import DONE, FAILED, PENDING, FeatureCacheError, FeatureStore, extract_features, image_key
+from captioner.features import (
+    DONE,
+    FAILED,
+    PENDING,
+    FeatureCacheError,
+    FeatureStore,
+    extract_features,
+    image_key,
+)
 
 FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "images"
 
@@ -56,8 +64,15 @@ def test_bad_image_is_one_error_row(tiny_data, encoder, tmp_path):
     paths, keys = _inputs(tiny_data)
     bad = tmp_path / "truncated.jpg"
     shutil.copy(FIXTURES / "truncated.jpg", bad)
-    result = extract_features([*paths, bad], [*keys, "truncated.jpg"], encoder, tmp_path / "c", batch_size=4,
-                              num_workers=0, progress=False)
+    result = extract_features(
+        [*paths, bad],
+        [*keys, "truncated.jpg"],
+        encoder,
+        tmp_path / "c",
+        batch_size=4,
+        num_workers=0,
+        progress=False,
+    )
     assert result["encoded"] == 6 and result["failed"] == 1
     assert "truncated.jpg" in result["errors"][0]
     store = FeatureStore.open(tmp_path / "c")
