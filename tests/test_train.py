@@ -127,3 +127,37 @@ def test_tiny_model_learned_to_describe_shapes(tiny_model, tiny_data):
     model = Captioner.from_pretrained(tiny_model)
     captions = [c.caption for c in model.caption(sorted((tiny_data / "images").glob("*_0.jpg")))]
     assert len(set(captions)) > 1, captions  # not the same caption for every image
+
+
+def test_glove_vectors_initialise_the_embeddings(tiny_data, tiny_features, tmp_path):
+    from captioner.train import load_glove
+    from captioner.vocab import Vocabulary
+
+    glove = tmp_path / "glove.txt"
+    glove.write_text("red " + " ".join(["0.5"] * 48) + "\nzebra " + " ".join(["1"] * 48) + "\n")
+    vocab = Vocabulary.build(["a red square"], min_count=1)
+    embedding = torch.nn.Embedding(len(vocab), 48)
+    assert load_glove(embedding, vocab, glove) == 1
+    assert torch.all(embedding.weight[vocab.index["red"]] == 0.5)
+    with pytest.raises(ValueError, match="line 1: 48 numbers, but decoder.embed_dim is 16"):
+        load_glove(torch.nn.Embedding(len(vocab), 16), vocab, glove)
+    # and through a training config
+    config = tiny_config(tiny_data, tiny_features, tmp_path / "run", "merge", epochs=1, max_steps=1)
+    config.decoder.glove = str(glove)
+    train(config, progress=False)
+
+
+def test_encoder_fine_tuning_saves_the_encoder(tiny_data, tmp_path):
+    from captioner.encoders import create_encoder
+
+    config = tiny_config(tiny_data, None, tmp_path, "show_tell", epochs=1, max_steps=2)
+    config.encoder.finetune = 0.2
+    config.encoder.lr = 1e-3
+    train(config, progress=False)
+    model = Captioner.from_pretrained(tmp_path / "last")
+    assert model.encoder_finetuned
+    original = create_encoder("efficientnet_lite0").state_dict()
+    tuned = model.encoder.state_dict()
+    changed = [k for k in original if not torch.equal(original[k], tuned[k])]
+    assert changed and "backbone.conv_stem.weight" not in changed  # only the last layers were trained
+    assert not any("running" in k for k in changed)  # batch norm statistics stay ImageNet's

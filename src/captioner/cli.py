@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args) or 0)
+    except BrokenPipeError:  # e.g. `captioner caption dir/ | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -38,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--beam-size", type=int, default=3)
     c.add_argument("--n-best", type=int, default=1)
     c.add_argument("--length-penalty", type=float, default=0.0)
+    c.add_argument("--temperature", type=float, default=None, help="sample instead of searching")
+    c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--format", choices=["text", "jsonl"], default="text")
     c.set_defaults(run=_caption)
@@ -138,6 +143,8 @@ def _caption(args: argparse.Namespace) -> int:
         beam_size=args.beam_size,
         n_best=args.n_best,
         length_penalty=args.length_penalty,
+        temperature=args.temperature,
+        top_p=args.top_p,
         batch_size=args.batch_size,
         fmt=args.format,
     )

@@ -9,7 +9,7 @@ the LSTM. The cache is a directory of memory-mappable NumPy arrays (float16):
     done.npy      [N] uint8    0 = to do, 1 = done, 2 = failed (see errors.jsonl)
     errors.jsonl  one line per image that could not be read
 
-Rows are written batch by batch and marked done only after their features are flushed, so an interrupted
+Rows are written batch by batch and marked done only after their features are written, so an interrupted
 run resumes where it stopped. A cache made by one encoder (or preprocessing) refuses rows from another.
 """
 
@@ -160,14 +160,17 @@ def extract_features(
             if good:
                 rows = [r for r, _ in good]
                 p, g = encoder(torch.stack([x for _, x in good]))
+                # The arrays are shared file mappings: what is written here is in the page cache at once
+                # and survives the process being killed, so no per-batch msync (which scans the whole
+                # multi-GB mapping, and once cost more time than the encoder) is needed. Rows are marked
+                # done only after their features are written.
                 pooled[rows] = p.numpy().astype(np.float16)
                 grid[rows] = g.numpy().astype(np.float16)
-                pooled.flush()
-                grid.flush()
                 done[rows] = DONE
-            done.flush()
             err_file.flush()
             bar.update(len(batch))
+    for array in (pooled, grid, done):
+        array.flush()
     bar.close()
     return {
         "encoded": int((done == DONE).sum()),

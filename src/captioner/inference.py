@@ -69,6 +69,8 @@ def caption_paths(
     beam_size: int = 3,
     n_best: int = 1,
     length_penalty: float = 0.0,
+    temperature: float | None = None,
+    top_p: float = 1.0,
     batch_size: int = 16,
     fmt: str = "text",
 ) -> int:
@@ -86,6 +88,8 @@ def caption_paths(
         beam_size=beam_size,
         n_best=n_best,
         length_penalty=length_penalty,
+        temperature=temperature,
+        top_p=top_p,
     ):
         if "error" in result:
             failed += 1

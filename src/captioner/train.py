@@ -214,8 +214,7 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
         # The epoch's order and the loader's worker seeds come from their own generator, never from the
         # global one that dropout draws from, so a resumed run repeats the interrupted one exactly.
         epoch_rng = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
-        order = torch.randperm(len(pairs), generator=epoch_rng)
-        batches = [order[i : i + tc.batch_size].tolist() for i in range(0, len(pairs), tc.batch_size)]
+        batches = epoch_batches(pairs.captions, tc.batch_size, epoch_rng)
         loader = DataLoader(
             pairs,
             batch_sampler=batches[state["step_in_epoch"] :],
@@ -224,8 +223,7 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
             generator=epoch_rng,
         )
         model.train()
-        if not model.encoder_finetuned:
-            model.encoder.eval()
+        model.encoder.eval()  # batch norm keeps its ImageNet statistics, even when fine-tuning
         bar = tqdm(
             loader,
             total=steps_per_epoch,
@@ -283,6 +281,24 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
     return best
 
 
+def epoch_batches(
+    captions: Sequence[list[int]], batch_size: int, rng: torch.Generator, bucket: int = 50
+) -> list[list[int]]:
+    """Shuffled batches of similar caption lengths.
+
+    The decoders run as many LSTM steps as the longest caption in a batch; grouping similar lengths
+    (sorting within random chunks of `bucket` batches, then shuffling the batches) cuts the padding steps
+    by about a third without making the order predictable.
+    """
+    order = torch.randperm(len(captions), generator=rng).tolist()
+    chunk = batch_size * bucket
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start : start + chunk], key=lambda i: len(captions[i]))
+        batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=rng).tolist()]
+
+
 @torch.no_grad()
 def validate(
     model: Captioner,
@@ -307,6 +323,7 @@ def validate(
                 model.vocab.decode(hyps[0].tokens) or model.vocab.words[model.vocab.unk_id]
             )
     model.train()
+    model.encoder.eval()
     scores = scorer.score(captions, metrics=("BLEU-4", "CIDEr"))
     return {k: float(v) for k, v in scores.items()}
 
