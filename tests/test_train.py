@@ -23,7 +23,10 @@ def losses(run_dir):
 
 @pytest.mark.parametrize("decoder", ["show_tell", "merge", "attention"])
 def test_each_decoder_loss_falls(decoder, tiny_data, tiny_features, tmp_path):
-    train(tiny_config(tiny_data, tiny_features, tmp_path, decoder, epochs=50, max_steps=15), progress=False)
+    train(
+        tiny_config(tiny_data, tiny_features, tmp_path, decoder, epochs=50, max_steps=15, lr=1e-2),
+        progress=False,
+    )
     seen = losses(tmp_path)
     assert len(seen) == 15
     assert sum(seen[-3:]) < 0.8 * sum(seen[:3]), seen

@@ -82,7 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", type=int, default=32)
     v.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
     v.add_argument("--features", default=None, help="feature cache of the model's encoder (faster)")
-    v.add_argument("--output", default=None, help="JSON file for the scores and every generated caption")
+    v.add_argument(
+        "--output", default=None, help="JSON file for the scores and every caption (default: eval-SPLIT.json)"
+    )
     v.add_argument("--skip-missing", action="store_true")
     v.set_defaults(run=_evaluate)
     return p
@@ -162,7 +164,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         limit=args.limit,
         features=args.features,
-        output=Path(args.output) if args.output else None,
+        output=Path(args.output or f"eval-{args.split}.json"),
         skip_missing=args.skip_missing,
     )
     return 0

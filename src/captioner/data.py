@@ -230,7 +230,7 @@ def load_dataset(
     """Read a data set folder or annotation file, check its images exist, and assign splits."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"bad split fractions: val {val_fraction}, test {test_fraction}")
-    root = Path(root).expanduser().absolute()
+    root = Path(root).expanduser().resolve()
     fmt = detect_format(root)
     loaded = READERS[fmt](root)
     if fmt == "flickr8k":
