@@ -87,7 +87,51 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--skip-missing", action="store_true")
     v.set_defaults(run=_evaluate)
+
+    i = sub.add_parser("index", help="caption every photo under a folder into a searchable SQLite database")
+    i.add_argument("folder")
+    i.add_argument("--db", default="photos.sqlite")
+    i.add_argument("--model", default=None)
+    i.add_argument("--beam-size", type=int, default=3)
+    i.add_argument("--n-best", type=int, default=3)
+    i.add_argument("--batch-size", type=int, default=16)
+    i.set_defaults(run=_index)
+
+    q = sub.add_parser("search", help="find indexed photos by describing them in a sentence")
+    q.add_argument("query")
+    q.add_argument("--db", default="photos.sqlite")
+    q.add_argument("--top", type=int, default=5)
+    q.add_argument("--format", choices=["text", "jsonl"], default="text")
+    q.set_defaults(run=_search)
+
+    w = sub.add_parser("serve", help="the captioning web page and JSON API")
+    w.add_argument("--host", default="127.0.0.1")
+    w.add_argument("--port", type=int, default=8000)
+    w.add_argument("--model", default=None)
+    w.add_argument("--db", default=None, help="a photo index (from `captioner index`) to search on the page")
+    w.add_argument("--max-upload-mb", type=float, default=20.0)
+    w.add_argument("--max-batch", type=int, default=16, help="most requests captioned in one pass")
+    w.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for others")
+    w.set_defaults(run=_serve)
     return p
+
+
+def _index(args: argparse.Namespace) -> int:
+    from captioner.search import index_command
+
+    return index_command(args)
+
+
+def _search(args: argparse.Namespace) -> int:
+    from captioner.search import search_command
+
+    return search_command(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from captioner.server import serve_command
+
+    return serve_command(args)
 
 
 def _data_inspect(args: argparse.Namespace) -> int:
