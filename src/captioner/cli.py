@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("root")
     v.add_argument("--split", default="test")
     v.add_argument("--model", default=None)
-    v.add_argument("--beam-size", type=int, default=3)
+    v.add_argument("--beam-size", type=int, nargs="+", default=[3], help="one or more, e.g. 1 3 5")
     v.add_argument("--length-penalty", type=float, default=0.0)
     v.add_argument("--batch-size", type=int, default=32)
     v.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
@@ -203,7 +203,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.root,
         split=args.split,
         model=args.model,
-        beam_size=args.beam_size,
+        beam_sizes=args.beam_size,
         length_penalty=args.length_penalty,
         batch_size=args.batch_size,
         limit=args.limit,

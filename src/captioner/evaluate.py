@@ -1,8 +1,9 @@
 """`captioner evaluate`: caption a data set split and score it the way the published tables do.
 
-Every image of the split is captioned from the image file through the shared pipeline (or from a feature
-cache of the same encoder and preprocessing, which gives the same features faster), then scored with
-pycocoevalcap's BLEU-1..4, METEOR, ROUGE-L and CIDEr-D on the PTB-tokenized captions, 0-100 scale.
+Every image of the split goes through the shared image pipeline and the encoder once (or comes from a
+feature cache of the same encoder and preprocessing); the captions are then decoded at each requested beam
+size and scored with pycocoevalcap's BLEU-1..4, METEOR, ROUGE-L and CIDEr-D on PTB-tokenized captions, on
+the 0-100 scale of the papers.
 """
 
 from __future__ import annotations
@@ -10,15 +11,58 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 from captioner.data import load_dataset
-from captioner.features import FeatureStore, image_key
-from captioner.inference import caption_files
-from captioner.metrics import format_scores, score_captions
+from captioner.features import FeatureStore, ImageFiles, as_list, image_key
+from captioner.metrics import CaptionScorer, format_scores
 from captioner.model import Captioner, resolve_model
+
+
+def encode_images(
+    model: Captioner, paths: Sequence[Path], batch_size: int = 32
+) -> tuple[list[int], torch.Tensor, torch.Tensor, dict[int, str]]:
+    """Encoder features of the readable images: (their indices, pooled, grid, {index: error})."""
+    loader = DataLoader(
+        ImageFiles(paths, range(len(paths)), model.encoder.preprocess),
+        batch_size=batch_size,
+        num_workers=1 if len(paths) > batch_size else 0,
+        collate_fn=as_list,
+    )
+    ok: list[int] = []
+    pooled, grid, errors = [], [], {}
+    model.eval()
+    with torch.inference_mode():
+        for batch in loader:
+            errors.update({i: x for i, x in batch if isinstance(x, str)})
+            good = [(i, x) for i, x in batch if isinstance(x, torch.Tensor)]
+            if good:
+                p, g = model.encoder(torch.stack([x for _, x in good]))
+                ok.extend(i for i, _ in good)
+                pooled.append(p)
+                grid.append(g)
+    if not ok:
+        return ok, torch.empty(0), torch.empty(0), errors
+    return ok, torch.cat(pooled), torch.cat(grid), errors
+
+
+def decode(
+    model: Captioner,
+    pooled: torch.Tensor,
+    grid: torch.Tensor,
+    batch_size: int = 32,
+    **options,
+) -> list[str]:
+    captions = []
+    with torch.inference_mode():
+        for s in range(0, pooled.shape[0], batch_size):
+            hyps = model.generate(pooled[s : s + batch_size], grid[s : s + batch_size], **options)
+            captions.extend(model.vocab.decode(h[0].tokens) for h in hyps)
+    return captions
 
 
 def evaluate_model(
@@ -26,7 +70,7 @@ def evaluate_model(
     *,
     split: str = "test",
     model: str | None = None,
-    beam_size: int = 3,
+    beam_sizes: Sequence[int] = (3,),
     length_penalty: float = 0.0,
     batch_size: int = 32,
     limit: int | None = None,
@@ -34,14 +78,13 @@ def evaluate_model(
     output: Path | None = None,
     skip_missing: bool = False,
     quiet: bool = False,
-) -> dict:
+) -> list[dict]:
+    """Score `model` on a split at each beam size; returns one report per beam size."""
     data = load_dataset(root, skip_missing=skip_missing)
     examples = data.split(split)[:limit]
     captioner = Captioner.from_pretrained(model)
-    options = {"beam_size": beam_size, "length_penalty": length_penalty}
+    keys = [image_key(ex.image, data.root) for ex in examples]
     start = time.perf_counter()
-    generated: dict[str, str] = {}
-    errors: dict[str, str] = {}
     if features:
         store = FeatureStore.open(features)
         if store.encoder != captioner.encoder.name or store.preprocess != captioner.encoder.preprocess:
@@ -50,58 +93,63 @@ def evaluate_model(
                 f"{captioner.encoder.name} {captioner.encoder.preprocess}"
             )
         rows = store.row_of()
-        keys = [image_key(ex.image, data.root) for ex in examples]
-        for s in range(0, len(keys), batch_size):
-            chunk = keys[s : s + batch_size]
-            pooled, grid = store.features([rows[k] for k in chunk])
-            with torch.inference_mode():
-                hyps = captioner.generate(pooled, grid, **options)
-            generated.update(
-                {k: captioner.vocab.decode(h[0].tokens) for k, h in zip(chunk, hyps, strict=True)}
-            )
+        ok = [i for i, k in enumerate(keys) if k in rows]
+        errors = {
+            i: f"{keys[i]}: not in the feature cache {features}"
+            for i in range(len(keys))
+            if keys[i] not in rows
+        }
+        pooled, grid = store.features([rows[keys[i]] for i in ok])
     else:
-        paths = [ex.image for ex in examples]
-        for path, result in caption_files(captioner, paths, batch_size=batch_size, **options):
-            key = image_key(path, data.root)
-            if "error" in result:
-                errors[key] = result["error"]
-            else:
-                generated[key] = result["caption"]
-    seconds = time.perf_counter() - start
-    references = {image_key(ex.image, data.root): list(ex.captions) for ex in examples}
-    scored = {k: v for k, v in references.items() if k in generated}
-    scores = score_captions(scored, {k: generated[k] or "<unk>" for k in scored}, spice=True)
-    report = {
-        "model": str(resolve_model(model)),
-        "data": str(data.root),
-        "split": split,
-        "images": len(examples),
-        "failed": len(errors),
-        "beam_size": beam_size,
-        "length_penalty": length_penalty,
-        "caption_seconds": round(seconds, 1),
-        "scores": scores,
-        "captions": [
-            {
-                "image": k,
-                "caption": generated.get(k),
-                "references": references[k],
-                **({"error": errors[k]} if k in errors else {}),
-            }
-            for k in references
-        ],
-    }
+        ok, pooled, grid, errors = encode_images(captioner, [ex.image for ex in examples], batch_size)
+    encode_seconds = time.perf_counter() - start
+    references = {keys[i]: list(examples[i].captions) for i in ok}
+    scorer = CaptionScorer(references) if references else None
     if not quiet:
-        for key, message in errors.items():
-            print(f"error: {key}: {message}", file=sys.stderr)
-        print(
-            f"{split} split of {data.root}: {len(scored):,} images, beam size {beam_size}, "
-            f"captioned in {seconds:.0f} s"
+        for message in errors.values():
+            print(f"error: {message}", file=sys.stderr)
+        print(f"{split} split of {data.root}: {len(ok):,} images ({len(errors)} failed)")
+        print(f"model {resolve_model(model)}")
+    reports = []
+    for beam_size in beam_sizes:
+        start = time.perf_counter()
+        captions = decode(
+            captioner, pooled, grid, batch_size, beam_size=beam_size, length_penalty=length_penalty
         )
-        print(format_scores(scores))
+        generated = {keys[i]: c for i, c in zip(ok, captions, strict=True)}
+        decode_seconds = time.perf_counter() - start
+        if scorer is None:
+            raise ValueError(f"no image of the {split} split could be read")
+        scores = scorer.score({k: c or "<unk>" for k, c in generated.items()}, spice=True)
+        reports.append(
+            {
+                "model": str(resolve_model(model)),
+                "data": str(data.root),
+                "split": split,
+                "images": len(examples),
+                "failed": len(errors),
+                "beam_size": beam_size,
+                "length_penalty": length_penalty,
+                "encode_seconds": round(encode_seconds, 1),
+                "decode_seconds": round(decode_seconds, 1),
+                "scores": scores,
+                "captions": [
+                    {
+                        "image": keys[i],
+                        "caption": generated.get(keys[i]),
+                        "references": list(examples[i].captions),
+                    }
+                    | ({"error": errors[i]} if i in errors else {})
+                    for i in range(len(examples))
+                ],
+            }
+        )
+        if not quiet:
+            print(f"\nbeam size {beam_size} (decoded in {decode_seconds:.0f} s)")
+            print(format_scores(scores))
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(report, indent=1) + "\n")
+        output.write_text(json.dumps(reports[0] if len(reports) == 1 else reports, indent=1) + "\n")
         if not quiet:
-            print(f"scores and all {len(generated):,} captions written to {output}")
-    return report
+            print(f"\nscores and every caption written to {output}")
+    return reports

