@@ -232,7 +232,7 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
             desc=f"epoch {epoch + 1}/{tc.epochs}",
             unit="batch",
         )
-        started, seen = time.perf_counter(), 0
+        started, seen, loss_sum, batches_seen = time.perf_counter(), 0, 0.0, 0
         for first, grid, tokens in bar:
             pooled, grid = source.encode(first, grid)
             logits, aux = model.decoder(pooled, grid, tokens[:, :-1])
@@ -244,14 +244,13 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
             optimizer.step()
             state["step_in_epoch"] += 1
             state["global_step"] += 1
-            seen += tokens.shape[0]
+            seen, loss_sum, batches_seen = seen + tokens.shape[0], loss_sum + loss.item(), batches_seen + 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            if state["global_step"] % tc.log_every == 0:
+            if state["global_step"] % tc.log_every == 0:  # the mean loss since the last line: less noise
                 rate = seen / max(time.perf_counter() - started, 1e-9)
-                log.write(
-                    "train", state, loss=loss.item(), lr=optimizer.param_groups[0]["lr"], captions_per_s=rate
-                )
-                started, seen = time.perf_counter(), 0
+                lr = optimizer.param_groups[0]["lr"]
+                log.write("train", state, loss=loss_sum / batches_seen, lr=lr, captions_per_s=rate)
+                started, seen, loss_sum, batches_seen = time.perf_counter(), 0, 0.0, 0
             if tc.save_every_steps and state["global_step"] % tc.save_every_steps == 0:
                 save(last)
             if tc.max_steps and state["global_step"] >= tc.max_steps:
