@@ -1,0 +1,215 @@
+"""Photo index and search: incremental indexing with the tiny model, ranking on captions we choose."""
+
+import json
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from captioner import inference
+from captioner.cli import main
+from captioner.search import SCHEMA_VERSION, PhotoIndex, _fuse
+
+FIXTURES = Path(__file__).parent / "fixtures" / "images"
+CAPTIONS = {  # photo -> its n-best captions, best first
+    "red_circle": ["a red circle on a white background", "a red ball", "one red circle"],
+    "red_square": ["a red square on a white background", "a red box", "one red square"],
+    "blue_circle": ["a blue circle on a white background", "a blue ball", "one blue circle"],
+    "dog": ["a dog running in the snow", "a brown dog in the snow", "a dog playing"],
+    "shop": ["a shop front with a sign", "a store on a street", "a shop sign reading kowalski"],
+    "swapped": ["a green square", "a green box", "one green square"],
+}
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_model):
+    from captioner.model import Captioner
+
+    return Captioner.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    """An index of photos with known captions, stored directly: ranking tests need no captioning model."""
+    root = tmp_path_factory.mktemp("stored")
+    folder = root / "photos"
+    folder.mkdir()
+    with PhotoIndex(root / "photos.sqlite", create=True) as index:
+        for name, texts in CAPTIONS.items():
+            path = folder / f"{name}.jpg"
+            path.write_bytes(b"not read by search")
+            result = {
+                "caption": texts[0],
+                "score": -1.0,
+                "captions": [{"caption": t, "score": -1.0} for t in texts],
+            }
+            index._store(str(path), 18, 1.0, result, root=str(folder))
+    return root / "photos.sqlite"
+
+
+def test_update_captions_only_new_or_changed_photos(captioner, tiny_data, tmp_path, monkeypatch):
+    folder = tmp_path / "photos"
+    shutil.copytree(tiny_data / "images", folder)
+    captioned = []
+    real = inference.caption_files
+    monkeypatch.setattr(
+        inference, "caption_files", lambda m, paths, **o: captioned.extend(paths) or real(m, paths, **o)
+    )
+    index = PhotoIndex(tmp_path / "photos.sqlite", create=True)
+
+    def update() -> dict:
+        captioned.clear()
+        counts = index.update(folder, captioner, beam_size=3, n_best=3, batch_size=64, progress=False)
+        return {k: v for k, v in counts.items() if v and k != "errors"}
+
+    assert update() == {"added": 32} and len(captioned) == 32 and len(index) == 32
+    row = index.lookup(str(folder / "red_circle_0.jpg"))
+    assert row["caption"] and row["caption"] == row["captions"][0]["caption"] and row["error"] is None
+    assert 1 <= len(row["captions"]) <= 3 and row["size"] == (folder / "red_circle_0.jpg").stat().st_size
+
+    assert update() == {"unchanged": 32} and captioned == []  # the captioner is not even called
+
+    touched = folder / "blue_square_1.jpg"
+    os.utime(touched, (touched.stat().st_atime, touched.stat().st_mtime + 5))
+    assert update() == {"updated": 1, "unchanged": 31} and captioned == [touched]
+
+    (folder / "green_circle_2.jpg").unlink()
+    assert update() == {"unchanged": 31, "removed": 1} and captioned == []
+    assert index.lookup(str(folder / "green_circle_2.jpg")) is None and len(index) == 31
+
+    with index._conn:  # a database captioned by another model refuses to mix in this one's captions
+        index._conn.execute("UPDATE meta SET value = 'another model' WHERE key = 'model'")
+    with pytest.raises(ValueError, match="captioned by another model"):
+        update()
+    index.close()
+
+
+def test_index_command_records_failures(tiny_model, tiny_data, tmp_path, capsys):
+    folder, db = tmp_path / "photos", tmp_path / "photos.sqlite"
+    folder.mkdir()
+    for name in ("red_circle_0.jpg", "blue_square_1.jpg", "yellow_circle_2.jpg"):
+        shutil.copy(tiny_data / "images" / name, folder / name)
+    shutil.copy(FIXTURES / "truncated.jpg", folder / "truncated.jpg")
+    (folder / "link.jpg").symlink_to(tiny_data / "images" / "green_square_0.jpg")  # a photo outside DIR
+    index = ["index", folder, "--db", db, "--model", tiny_model, "--batch-size", "2"]
+
+    assert main(list(map(str, index))) == 1
+    out, err = capsys.readouterr()
+    assert "3 added, 0 updated, 0 unchanged, 2 failed, 0 removed" in out and "3 photos searchable" in out
+    errors = [line for line in err.splitlines() if line.startswith("captioner: error: ")]  # not progress bars
+    assert len(errors) == 2
+    assert any("truncated.jpg" in e for e in errors)
+    assert any("link.jpg" in e and "outside" in e for e in errors)
+    with PhotoIndex(db) as photos:
+        broken = photos.lookup(str(folder / "truncated.jpg"))
+        assert broken["caption"] is None and "truncated" in broken["error"]
+        assert photos.lookup(str(folder / "link.jpg")) is None  # recorded, but never served
+
+    assert main(list(map(str, index))) == 1  # still broken: reported again, not re-tried
+    out, err = capsys.readouterr()
+    assert "0 added, 0 updated, 3 unchanged, 2 failed" in out and err.count("captioner: error: ") == 2
+
+    shutil.copy(tiny_data / "images" / "green_square_1.jpg", folder / "truncated.jpg")  # fixed
+    (folder / "link.jpg").unlink()
+    assert main(list(map(str, index))) == 0
+    out, err = capsys.readouterr()
+    assert "0 added, 1 updated, 3 unchanged, 0 failed, 1 removed" in out and "error" not in err
+
+
+def test_fusion_lets_a_keyword_match_overtake():
+    similarity = np.array([0.9, 0.8, 0.1])
+    score, keyword = _fuse(similarity, [None, 1, None])
+    assert list(np.argsort(-score)) == [1, 0, 2]  # second by meaning, but the only keyword match
+    assert keyword[0] == keyword[2] == 0 and keyword[1] > 0
+    top, _ = _fuse(np.array([0.5, 0.1]), [1, None])
+    assert top[0] == pytest.approx(1.0)  # first in both rankings
+
+
+def test_search_ranks_by_meaning_and_keywords(stored):
+    with PhotoIndex(stored) as index:
+        hits = index.search("a red circle", top_k=3)
+        assert [Path(h.path).stem for h in hits[:2]] == ["red_circle", "red_square"]
+        assert hits[0].caption == CAPTIONS["red_circle"][0] and hits[0].semantic > 0.8
+        assert hits[0].score > hits[1].score > hits[2].score and len(hits) == 3
+
+        # only an alternative (not the best) caption has the name; the keyword signal adds to its score
+        hits = index.search("kowalski", top_k=10)
+        assert Path(hits[0].path).stem == "shop" and hits[0].keyword > 0
+        assert all(h.keyword == 0 for h in hits[1:]) and len(hits) == len(CAPTIONS)
+        assert hits[0].score == pytest.approx(1.0)  # first in both rankings
+
+        assert Path(index.search("a puppy in winter", 1)[0].path).stem == "dog"  # meaning, no shared word
+        assert Path(index.search('dog" OR * NEAR(', 1)[0].path).stem == "dog"  # never parsed as FTS5 syntax
+        assert index.search("the a of", 2)[0].keyword == 0 and index.search("dog", 0) == []
+
+
+def test_lookup_serves_only_indexed_paths(stored, tmp_path):
+    folder = stored.parent / "photos"
+    secret = tmp_path / "secret.jpg"
+    secret.write_text("not a photo")
+    with PhotoIndex(stored) as index:
+        assert index.lookup(str(folder / "dog.jpg"))["caption"] == CAPTIONS["dog"][0]
+        assert index.lookup(folder / "dog.jpg") is not None
+        for path in (
+            secret,
+            folder / "missing.jpg",
+            folder / ".." / "photos" / "dog.jpg",
+            f"{folder}/../photos.sqlite",
+            "photos/dog.jpg",
+        ):
+            assert index.lookup(str(path)) is None, path
+        (folder / "link.jpg").symlink_to(secret)  # a link someone put there: not indexed
+        assert index.lookup(str(folder / "link.jpg")) is None
+        (folder / "swapped.jpg").unlink()
+        (folder / "swapped.jpg").symlink_to(secret)  # an indexed photo replaced by a link to outside
+        assert index.lookup(str(folder / "swapped.jpg")) is None
+
+
+def test_search_command_formats(stored, capsys):
+    assert main(["search", "a red circle", "--db", str(stored), "--top", "2"]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [(rank, Path(path).stem) for rank, _, path, _ in lines] == [
+        ("1", "red_circle"),
+        ("2", "red_square"),
+    ]
+    assert lines[0][3] == CAPTIONS["red_circle"][0] and float(lines[0][1]) > float(lines[1][1])
+
+    assert main(["search", "a dog", "--db", str(stored), "--format", "jsonl"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(records) == 5 and [r["rank"] for r in records] == [1, 2, 3, 4, 5]
+    assert set(records[0]) == {"rank", "path", "caption", "score", "semantic", "keyword"}
+    assert Path(records[0]["path"]).stem == "dog" and records[0]["keyword"] > 0
+
+
+def test_missing_empty_or_foreign_db_is_a_clear_error(tmp_path, capsys):
+    missing = tmp_path / "nowhere.sqlite"
+    with pytest.raises(FileNotFoundError, match="nowhere.sqlite"):
+        PhotoIndex(missing)
+    assert not missing.exists()
+    PhotoIndex(tmp_path / "empty.sqlite", create=True).close()
+    (tmp_path / "notes.sqlite").write_text("not a database at all")
+    for name, message in [
+        ("nowhere", "no such photo index"),
+        ("empty", "no captioned photos"),
+        ("notes", "not a"),
+    ]:
+        assert main(["search", "a dog", "--db", str(tmp_path / f"{name}.sqlite")]) == 1
+        err = capsys.readouterr().err
+        assert f"{name}.sqlite" in err and message in err
+
+
+def test_database_layout(stored):
+    conn = sqlite3.connect(stored)
+    meta = dict(conn.execute("SELECT key, value FROM meta"))
+    assert meta["schema_version"] == str(SCHEMA_VERSION) and "MiniLM" in meta["embedder"]
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    for (blob,) in conn.execute("SELECT embedding FROM photos"):
+        vector = np.frombuffer(blob, dtype="<f4")
+        assert vector.shape == (384,) and np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
+    assert conn.execute(
+        "SELECT count(*) FROM captions_fts WHERE captions_fts MATCH 'kowalski'"
+    ).fetchone() == (1,)
+    conn.close()
