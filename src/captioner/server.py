@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import torch
 
     from captioner.model import Caption, Captioner
+    from captioner.search import PhotoIndex
 
 STATIC = Path(__file__).parent / "static"
 MAX_BEAM = 10
@@ -92,15 +93,15 @@ class Batcher:
 
     def _run(self) -> None:
         while (first := self._queue.get()) is not None:
-            jobs, stop = [first], False
+            jobs = [first]
             deadline = time.perf_counter() + self.max_wait
             while len(jobs) < self.max_batch and (left := deadline - time.perf_counter()) > 0:
                 try:
                     job = self._queue.get(timeout=left)
                 except queue.Empty:
                     break
-                if job is None:
-                    stop = True
+                if job is None:  # close(): finish this batch, then stop
+                    self._queue.put(None)
                     break
                 jobs.append(job)
             groups: dict[tuple[int, int], list[_Job]] = defaultdict(list)
@@ -108,8 +109,6 @@ class Batcher:
                 groups[job.options].append(job)
             for (beam_size, n_best), group in groups.items():
                 self._pass(group, beam_size, n_best)
-            if stop:
-                return
 
     def _pass(self, jobs: list[_Job], beam_size: int, n_best: int) -> None:
         import torch
@@ -120,6 +119,8 @@ class Batcher:
         try:
             batch = torch.stack([job.image for job in jobs])
             results = self.captioner.caption_tensors(batch, beam_size=beam_size, n_best=n_best)
+            if len(results) != len(jobs):
+                raise RuntimeError(f"{len(results)} captions for {len(jobs)} images")
         except Exception as e:  # reported to every request of this pass; the thread carries on
             error = e
         model_ms = (time.perf_counter() - start) * 1000
@@ -194,7 +195,7 @@ def caption_json(c: Caption, resize: str) -> dict:
 def create_app(
     captioner: Captioner,
     *,
-    index: Any = None,
+    index: PhotoIndex | None = None,
     max_upload_bytes: int = 20 * 2**20,
     max_batch: int = 16,
     max_wait_ms: float = 10.0,
@@ -249,7 +250,9 @@ def create_app(
         beam_size: Annotated[int | None, Query(ge=1, le=MAX_BEAM)] = None,
         n_best: Annotated[int | None, Query(ge=1, le=MAX_BEAM)] = None,
     ) -> dict:
-        """Caption one image: the caption, the n best with scores, timings and, if any, attention."""
+        """Caption one image: the caption, the n best with scores, timings and, for attention models, the
+        attention of each word over the grid. beam_size (default 3) and n_best (default min(3, beam_size))
+        may come as form fields or query parameters."""
         beams = beam_size_form or beam_size or 3
         best = n_best_form or n_best or min(3, beams)
         if best > beams:
@@ -279,7 +282,7 @@ def create_app(
             "timing": {k: round(v, 2) for k, v in ms.items()},
         }
 
-    def need_index() -> Any:
+    def need_index() -> PhotoIndex:
         if index is None:
             raise HTTPException(404, "search is off: this server has no photo index (start it with --db)")
         return index
@@ -291,7 +294,10 @@ def create_app(
     ) -> dict:
         """The indexed photos whose captions best match the query, best first."""
         hits = await run_in_threadpool(need_index().search, q, top)
-        return {"query": q, "hits": [_hit_json(hit) for hit in hits]}
+        rounded = [
+            {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(h).items()} for h in hits
+        ]
+        return {"query": q, "hits": rounded}
 
     @functools.lru_cache(maxsize=512)  # ~10 KB each: a bounded few MB
     def thumbnail(path: str, mtime_ns: int) -> bytes:  # the file's mtime in the key: a changed file is redone
@@ -319,16 +325,6 @@ def create_app(
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     return app
-
-
-def _hit_json(hit: Any) -> dict:
-    return {
-        "path": hit.path,
-        "caption": hit.caption,
-        "score": round(hit.score, 4),
-        "semantic": round(hit.semantic, 4),
-        "keyword": round(hit.keyword, 4),
-    }
 
 
 def serve_command(args: argparse.Namespace) -> int:

@@ -9,6 +9,8 @@ let file = null; // the photo being captioned
 let photo = null; // its decoded <img>, drawn on the canvas
 let attention = null; // {grid: [H, W], words, weights: [[H*W] per word], resize}
 let pinned = -1; // the clicked word: shown when no word is hovered or focused
+let maxUpload = 0; // the server's upload limit in bytes, from /healthz
+let latest = 0; // number of the latest caption request: older answers arriving late are dropped
 
 function say(text, isError = false) {
   $("status").textContent = text;
@@ -152,8 +154,19 @@ async function caption() {
     $("file").focus();
     return;
   }
+  if (maxUpload && file.size > maxUpload) {
+    const mb = (n) => (n / 2 ** 20).toFixed(1);
+    say(`${file.name} is too large to upload (${mb(file.size)} MB; the limit is ${mb(maxUpload)} MB).`, true);
+    return;
+  }
+  const ticket = ++latest;
   say(`Captioning ${file.name}…`);
   photo = await loadPhoto(file);
+  attention = null; // the previous photo's words and maps do not belong to this one
+  showWords([]);
+  $("alt").value = "";
+  $("alternatives").replaceChildren();
+  $("timing").textContent = "";
   $("result").hidden = false;
   draw(-1);
   const form = new FormData();
@@ -168,6 +181,7 @@ async function caption() {
     say(`The server did not answer (${err.message}).`, true);
     return;
   }
+  if (ticket !== latest) return;
   if (!response.ok) {
     $("result").hidden = true;
     say(`Could not caption this file: ${errorText(body, response.status)}`, true);
@@ -187,8 +201,14 @@ async function search(event) {
   const q = $("query").value.trim();
   if (!q) return;
   $("search-status").textContent = "Searching…";
-  const response = await fetch(`/api/search?${new URLSearchParams({ q, top: 12 })}`);
-  const body = await response.json();
+  let response, body;
+  try {
+    response = await fetch(`/api/search?${new URLSearchParams({ q, top: 12 })}`);
+    body = await response.json();
+  } catch (err) {
+    $("search-status").textContent = `The server did not answer (${err.message}).`;
+    return;
+  }
   const list = $("hits");
   list.replaceChildren();
   if (!response.ok) {
@@ -262,6 +282,7 @@ function setup() {
     .then((h) => {
       $("model").textContent = `Model: ${h.model} (${h.encoder} encoder, ${h.decoder} decoder)`;
       $("search-section").hidden = !h.search;
+      maxUpload = h.max_upload_bytes;
     });
 }
 
