@@ -137,3 +137,22 @@ def test_sampling_near_zero_temperature_is_greedy_and_top_p_is_seeded():
         generator=torch.Generator().manual_seed(1),
     )
     assert [h.tokens for h in a] == [h.tokens for h in b]
+
+
+def test_placeholders_are_never_generated():
+    from captioner.decoding import WithoutWords
+
+    decoder, pooled, grid = make("show_tell")
+    with torch.no_grad():
+        decoder.fc.bias[3] = 50.0  # a model that loves <unk> (id 3)
+    plain = greedy(decoder, pooled, grid, start_id=START, end_id=END, max_length=5)
+    assert all(3 in h.tokens for h in plain)
+    banned = WithoutWords(decoder, [0, 1, 3])
+    for search in (
+        greedy(banned, pooled, grid, start_id=START, end_id=END, max_length=5),
+        [
+            hs[0]
+            for hs in beam_search(banned, pooled, grid, start_id=START, end_id=END, max_length=5, beam_size=3)
+        ],
+    ):
+        assert all(not {0, 1, 3} & set(h.tokens) for h in search)

@@ -19,6 +19,22 @@ class Hypothesis:
     attention: torch.Tensor | None  # [len(tokens), H*W] attention weights, for attention decoders
 
 
+class WithoutWords:
+    """A decoder whose steps never propose the given words (e.g. <unk>, <pad>, <start>): readers of a
+    caption should never see a placeholder. The remaining words' probabilities are renormalised."""
+
+    def __init__(self, decoder, banned: list[int]):
+        self.decoder, self.banned = decoder, banned
+
+    def init_state(self, pooled: torch.Tensor, grid: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.decoder.init_state(pooled, grid)
+
+    def step(self, tokens: torch.Tensor, state: dict[str, torch.Tensor]):
+        log_probs, state, alpha = self.decoder.step(tokens, state)
+        log_probs = log_probs.index_fill(1, torch.tensor(self.banned, device=log_probs.device), float("-inf"))
+        return log_probs.log_softmax(-1), state, alpha
+
+
 def length_penalty(length: torch.Tensor, alpha: float) -> torch.Tensor:
     """GNMT length penalty ((5 + n) / 6) ** alpha; alpha = 0 ranks by raw log-probability."""
     return ((5.0 + length.float()) / 6.0) ** alpha

@@ -25,7 +25,7 @@ from torch import nn
 
 from captioner import __version__
 from captioner.decoders import create_decoder
-from captioner.decoding import Hypothesis, beam_search, greedy, sample
+from captioner.decoding import Hypothesis, WithoutWords, beam_search, greedy, sample
 from captioner.encoders import Encoder, create_encoder
 from captioner.images import Preprocess, build_transform, load_image
 from captioner.vocab import Vocabulary
@@ -195,14 +195,14 @@ class Captioner(nn.Module):
             "end_id": self.vocab.end_id,
             "max_length": max_length or self.vocab.max_length,
         }
+        v = self.vocab
+        decoder = WithoutWords(self.decoder, [v.pad_id, v.start_id, v.unk_id])
         if temperature is not None:
-            return [
-                [h] for h in sample(self.decoder, pooled, grid, temperature=temperature, top_p=top_p, **ids)
-            ]
+            return [[h] for h in sample(decoder, pooled, grid, temperature=temperature, top_p=top_p, **ids)]
         if beam_size == 1 and n_best == 1:
-            return [[h] for h in greedy(self.decoder, pooled, grid, **ids)]
+            return [[h] for h in greedy(decoder, pooled, grid, **ids)]
         return beam_search(
-            self.decoder, pooled, grid, beam_size=beam_size, n_best=n_best, alpha=length_penalty, **ids
+            decoder, pooled, grid, beam_size=beam_size, n_best=n_best, alpha=length_penalty, **ids
         )
 
     @torch.inference_mode()
