@@ -45,7 +45,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--format", choices=["text", "jsonl"], default="text")
+    c.add_argument(
+        "--runtime", choices=["torch", "onnx"], default="torch", help="onnx: a `captioner export` dir"
+    )
     c.set_defaults(run=_caption)
+
+    x = sub.add_parser("export", help="export a model for another runtime")
+    x.add_argument("--format", choices=["onnx"], default="onnx")
+    x.add_argument("--model", default=None)
+    x.add_argument("--out", required=True, help="directory to write (graphs, config, vocabulary)")
+    x.set_defaults(run=_export)
 
     d = sub.add_parser("data", help="data set tools")
     dsub = d.add_subparsers(title="data commands", metavar="COMMAND")
@@ -114,6 +123,15 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for others")
     w.set_defaults(run=_serve)
     return p
+
+
+def _export(args: argparse.Namespace) -> int:
+    from captioner.export import export_onnx
+    from captioner.model import Captioner
+
+    out = export_onnx(Captioner.from_pretrained(args.model), args.out)
+    print(f"exported {args.format} model to {out}")
+    return 0
 
 
 def _index(args: argparse.Namespace) -> int:
@@ -193,6 +211,7 @@ def _caption(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         batch_size=args.batch_size,
         fmt=args.format,
+        runtime=args.runtime,
     )
 
 

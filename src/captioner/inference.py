@@ -73,13 +73,19 @@ def caption_paths(
     top_p: float = 1.0,
     batch_size: int = 16,
     fmt: str = "text",
+    runtime: str = "torch",
 ) -> int:
     """The `captioner caption` command: returns the exit status (1 if any file failed)."""
     paths = find_images(inputs)
     if not paths:
         print("captioner: error: no images found in " + ", ".join(inputs), file=sys.stderr)
         return 1
-    captioner = Captioner.from_pretrained(model)
+    if runtime == "onnx":
+        from captioner.runtime import OnnxCaptioner
+
+        captioner = OnnxCaptioner.from_pretrained(model)
+    else:
+        captioner = Captioner.from_pretrained(model)
     failed = 0
     for path, result in caption_files(
         captioner,
