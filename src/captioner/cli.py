@@ -164,29 +164,46 @@ def _extract(args: argparse.Namespace) -> int:
     import dataclasses
     import time
 
+    from captioner import distributed
     from captioner.data import load_dataset
     from captioner.encoders import create_encoder
-    from captioner.features import extract_features, image_key
+    from captioner.features import DONE, FAILED, FeatureStore, extract_features, image_key, open_cache
 
+    ddp = distributed.setup()  # under torchrun each process encodes its own share of the images
     data = load_dataset(args.root, skip_missing=args.skip_missing)
     encoder = create_encoder(args.encoder)
     if args.resize:
         encoder.preprocess = dataclasses.replace(encoder.preprocess, resize=args.resize)
     paths = [ex.image for ex in data.examples]
     keys = [image_key(p, data.root) for p in paths]
+    if ddp.main:
+        open_cache(Path(args.out), keys, encoder, create=True)
+    distributed.barrier(ddp)
     start = time.perf_counter()
     result = extract_features(
-        paths, keys, encoder, args.out, batch_size=args.batch_size, num_workers=args.workers
+        paths,
+        keys,
+        encoder,
+        args.out,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        progress=ddp.main,
+        rank=ddp.rank,
+        world_size=ddp.world,
     )
     seconds = time.perf_counter() - start
     for message in result["errors"]:
         print(f"error: {message}", file=sys.stderr)
-    print(
-        f"{result['encoded']:,} of {result['total']:,} images encoded ({result['failed']} failed) "
-        f"into {args.out}; "
-        f"grid {result['grid_shape']}; this run {seconds:.0f} s"
-    )
-    return 1 if result["failed"] else 0
+    distributed.barrier(ddp)
+    if ddp.main:
+        done = FeatureStore.open(args.out).done
+        encoded, failed = int((done == DONE).sum()), int((done == FAILED).sum())
+        print(
+            f"{encoded:,} of {len(keys):,} images encoded ({failed} failed) into {args.out}; "
+            f"grid {result['grid_shape']}; this run {seconds:.0f} s"
+        )
+    distributed.cleanup(ddp)
+    return 1 if result["errors"] else 0
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -133,7 +133,7 @@ def extract_features(
     from tqdm import tqdm
 
     out = Path(out)
-    meta = _open_or_create(out, keys, encoder, create=rank == 0)
+    meta = open_cache(out, keys, encoder, create=rank == 0)
     pooled = np.load(out / "pooled.npy", mmap_mode="r+")
     grid = np.load(out / "grid.npy", mmap_mode="r+")
     done = np.load(out / "done.npy", mmap_mode="r+")
@@ -181,7 +181,7 @@ def extract_features(
     }
 
 
-def _open_or_create(out: Path, keys: Sequence[str], encoder: Encoder, create: bool) -> dict:
+def open_cache(out: Path, keys: Sequence[str], encoder: Encoder, create: bool) -> dict:
     wanted = {"encoder": encoder.name, "preprocess": encoder.preprocess.to_dict()}
     if (out / "meta.json").exists():
         meta = json.loads((out / "meta.json").read_text())

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
+from captioner import distributed
 from captioner.config import Config
 from captioner.data import Example, load_dataset
 from captioner.encoders import create_encoder
@@ -126,12 +127,30 @@ class Source:
             return self.model.encoder(images)
 
 
+class TrainingStep(nn.Module):
+    """Encoder (if images) and decoder under teacher forcing: the module DistributedDataParallel wraps."""
+
+    def __init__(self, model: Captioner, source: Source):
+        super().__init__()
+        self.model, self.source = model, source
+
+    def forward(self, first: torch.Tensor, grid: torch.Tensor | None, tokens: torch.Tensor):
+        pooled, grid = self.source.encode(first, grid)
+        return self.model.decoder(pooled, grid, tokens[:, :-1])
+
+
 # --- the loop ---
 
 
 def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
-    """Train as `config` says; returns the directory of the best checkpoint."""
+    """Train as `config` says; returns the directory of the best checkpoint.
+
+    Under torchrun every process trains on its own share of each epoch's batches (gradients are averaged
+    by DistributedDataParallel, so the effective batch is batch_size x processes); rank 0 alone logs,
+    validates and writes checkpoints, and tells the others when to stop.
+    """
     tc = config.train
+    ddp = distributed.setup()
     out = Path(tc.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     last, best = out / "last", out / "best"
@@ -140,7 +159,8 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
             f"{out}: a training run is already there; pass --resume to continue it, "
             "or choose another train.out_dir"
         )
-    _seed(tc.seed)
+    _seed(tc.seed + ddp.rank)  # the same initial weights are broadcast from rank 0; dropout differs per rank
+    progress = progress and ddp.main
 
     data = load_dataset(config.data.root, skip_missing=config.data.skip_missing)
     train_examples = data.split(config.data.train_split)
@@ -154,7 +174,10 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
             config.data.length_percentile,
         )
 
-    store = FeatureStore.open(config.data.features, in_memory=True) if config.data.features else None
+    # One process reads the cache into memory; several share it through the page cache instead.
+    store = (
+        FeatureStore.open(config.data.features, in_memory=ddp.world == 1) if config.data.features else None
+    )
     if store is not None and store.encoder != config.encoder.name:
         raise ValueError(
             f"{config.data.features}: features of {store.encoder}, but encoder.name is {config.encoder.name}"
@@ -177,6 +200,9 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
 
     source = Source(config, data.root, model, store)
     pairs = source.pairs(train_examples, vocab, train=True)
+    step_module: nn.Module = TrainingStep(model, source)
+    if ddp.world > 1:
+        step_module = nn.parallel.DistributedDataParallel(step_module)
     groups = [{"params": [p for p in model.decoder.parameters()], "lr": tc.lr}]
     if model.encoder_finetuned:
         groups.append(
@@ -184,19 +210,25 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
         )
     optimizer = torch.optim.Adam(groups, weight_decay=tc.weight_decay)
     scheduler = _scheduler(optimizer, tc)
-    steps_per_epoch = math.ceil(len(pairs) / tc.batch_size)
-    scorer = CaptionScorer({str(i): list(ex.captions) for i, ex in enumerate(val_examples)})
-    val_features = source.features(val_examples) if store is not None else None
+    steps_per_epoch = math.ceil(len(pairs) / tc.batch_size) // ddp.world
+    if ddp.main:
+        scorer = CaptionScorer({str(i): list(ex.captions) for i, ex in enumerate(val_examples)})
+        val_features = source.features(val_examples) if store is not None else None
 
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_cider": -1.0, "bad_epochs": 0}
     if resume and (last / STATE_FILE).exists():
         state = _load_state(last, model, optimizer, scheduler)
-        print(f"resuming from {last}: epoch {state['epoch'] + 1}, step {state['step_in_epoch']} of the epoch")
-    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    log = MetricsLog(out)
+        if ddp.main:
+            where = f"epoch {state['epoch'] + 1}, step {state['step_in_epoch']} of the epoch"
+            print(f"resuming from {last}: {where}")
+    if ddp.main:
+        (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        log = MetricsLog(out)
     loss_fn = nn.CrossEntropyLoss(ignore_index=vocab.pad_id, label_smoothing=tc.label_smoothing)
 
     def save(where: Path, scores: dict | None = None) -> None:
+        if not ddp.main:
+            return
         dtype = getattr(torch, tc.save_dtype)
 
         def extra(tmp: Path) -> None:
@@ -215,6 +247,7 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
         # global one that dropout draws from, so a resumed run repeats the interrupted one exactly.
         epoch_rng = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
         batches = epoch_batches(pairs.captions, tc.batch_size, epoch_rng)
+        batches = batches[: steps_per_epoch * ddp.world][ddp.rank :: ddp.world]  # this process's share
         loader = DataLoader(
             pairs,
             batch_sampler=batches[state["step_in_epoch"] :],
@@ -234,8 +267,7 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
         )
         started, seen, loss_sum, batches_seen = time.perf_counter(), 0, 0.0, 0
         for first, grid, tokens in bar:
-            pooled, grid = source.encode(first, grid)
-            logits, aux = model.decoder(pooled, grid, tokens[:, :-1])
+            logits, aux = step_module(first, grid, tokens)
             loss = loss_fn(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)) + aux
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -246,7 +278,7 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
             state["global_step"] += 1
             seen, loss_sum, batches_seen = seen + tokens.shape[0], loss_sum + loss.item(), batches_seen + 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            if state["global_step"] % tc.log_every == 0:  # the mean loss since the last line: less noise
+            if ddp.main and state["global_step"] % tc.log_every == 0:  # mean loss since the last line
                 rate = seen / max(time.perf_counter() - started, 1e-9)
                 lr = optimizer.param_groups[0]["lr"]
                 log.write("train", state, loss=loss_sum / batches_seen, lr=lr, captions_per_s=rate)
@@ -261,9 +293,14 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
         if finished_epoch:
             state["epoch"] += 1
             state["step_in_epoch"] = 0
-        scores = validate(model, source, val_examples, val_features, scorer, tc.val_beam_size)
-        log.write("val", state, **scores)
-        print(f"epoch {epoch + 1}: validation " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+        scores = {"CIDEr": 0.0}
+        if ddp.main:
+            scores = validate(model, source, val_examples, val_features, scorer, tc.val_beam_size)
+            log.write("val", state, **scores)
+            print(f"epoch {epoch + 1}: validation " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+        # Every rank takes the same decisions (best, schedule, early stop) from rank 0's score.
+        scores["CIDEr"], stop_now = distributed.broadcast([scores["CIDEr"], float(stop)], ddp)
+        stop = bool(stop_now)
         if scores["CIDEr"] > state["best_cider"]:
             state["best_cider"], state["bad_epochs"] = scores["CIDEr"], 0
             save(best, scores)
@@ -272,11 +309,21 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
         if finished_epoch:
             _step_scheduler(scheduler, tc, scores["CIDEr"])
         save(last, scores)
-        log.plot()
+        if ddp.main:
+            log.plot()
         if state["bad_epochs"] >= tc.patience:
-            print(f"early stop: no better validation CIDEr for {tc.patience} epochs")
+            if ddp.main:
+                print(f"early stop: no better validation CIDEr for {tc.patience} epochs")
             stop = True
-    log.close()
+        distributed.barrier(ddp)  # the others wait while rank 0 validates and saves
+    if ddp.world > 1:
+        sums = distributed.checksums(model.decoder, ddp)
+        if ddp.main:
+            check = {"processes": ddp.world, "identical_weights": len(set(sums)) == 1, "checksums": sums}
+            (out / "distributed.json").write_text(json.dumps(check, indent=2) + "\n")
+    if ddp.main:
+        log.close()
+    distributed.cleanup(ddp)
     return best
 
 
