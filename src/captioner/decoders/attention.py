@@ -46,7 +46,9 @@ class SoftAttention(nn.Module):
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.init_h = nn.Linear(feature_dim, hidden_dim)
         self.init_c = nn.Linear(feature_dim, hidden_dim)
-        self.gate = nn.Linear(hidden_dim, feature_dim)  # the gating scalar beta, one per feature channel
+        self.gate = nn.Linear(
+            hidden_dim, feature_dim
+        )  # the gate beta (the paper's gating scalar), here one per feature channel
         self.cell = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(hidden_dim, vocab_size)

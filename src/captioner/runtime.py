@@ -1,0 +1,134 @@
+"""`captioner caption --runtime onnx`: run a `captioner export` directory with onnxruntime.
+
+The graphs replace only the numbers: `OnnxDecoder` offers a torch decoder's `init_state`/`step` on top of
+the two decoder graphs, so greedy, beam search, sampling and the banned-word filter of `captioner.decoding`
+run unchanged, on the whole batch and every beam in one graph call per word.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from captioner.export import ENCODER, INIT, STEP
+from captioner.images import Preprocess
+from captioner.model import Captioner, CheckpointError, check_compatible
+from captioner.vocab import Vocabulary
+
+
+def load_session(path: str | os.PathLike, threads: int | None = None):
+    """An onnxruntime CPU session. threads=None follows OMP_NUM_THREADS, as torch does, so that both
+    runtimes get the same share of the machine (0, onnxruntime's default, means one per core)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise RuntimeError("the ONNX runtime is not installed: pip install onnxruntime") from e
+    if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(env) if env.isdigit() else 0
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only: not a warning per unused initializer
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run(session, feeds: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    """Run a session on torch tensors. Feeds the graph does not take are skipped: the exporter drops
+    inputs a graph never reads (show_tell's init ignores the grid, attention's the pooled vector)."""
+    wanted = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: _numpy(v) for k, v in feeds.items() if k in wanted})
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+class OnnxEncoder:
+    """The encoder graph behind the torch Encoder's interface: name, preprocess, enc(x) -> (pooled, grid)."""
+
+    def __init__(self, session, name: str, preprocess: Preprocess):
+        self.session, self.name, self.preprocess = session, name, preprocess
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, grid = run(self.session, {"images": images})
+        return torch.from_numpy(pooled), torch.from_numpy(grid)
+
+
+class OnnxDecoder:
+    """A torch decoder's `init_state`/`step` (see `captioner.decoders`) computed by the two decoder graphs.
+
+    The step graph returns only the state tensors it changes (`updates`); the rest carry over as they were.
+    """
+
+    def __init__(self, init, step, names: list[str], updates: list[str], attention: bool):
+        self.init, self.step_session = init, step
+        self.names, self.updates, self.attention = names, updates, attention
+
+    def init_state(self, pooled: torch.Tensor, grid: torch.Tensor) -> dict[str, torch.Tensor]:
+        outs = run(self.init, {"pooled": pooled, "grid": grid})
+        return {k: torch.from_numpy(v) for k, v in zip(self.names, outs, strict=True)}
+
+    def step(self, tokens: torch.Tensor, state: dict[str, torch.Tensor]):
+        outs = run(self.step_session, {"tokens": tokens, **{f"state.{k}": state[k] for k in self.names}})
+        changed = outs[1 : 1 + len(self.updates)]
+        new = {**state, **{k: torch.from_numpy(v) for k, v in zip(self.updates, changed, strict=True)}}
+        alpha = torch.from_numpy(outs[-1]) if self.attention else None
+        return torch.from_numpy(outs[0]), new, alpha
+
+
+class OnnxCaptioner:
+    """A Captioner whose encoder and decoder steps run in onnxruntime.
+
+    `generate`, `caption_tensors` and `caption` are the torch Captioner's own methods, borrowed: the two
+    runtimes share every line of decoding and can differ only in the numbers the graphs compute.
+    """
+
+    def __init__(self, encoder: OnnxEncoder, decoder: OnnxDecoder, vocab: Vocabulary, config: dict):
+        self.encoder, self.decoder, self.vocab, self.config = encoder, decoder, vocab, config
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike | None, *, threads: int | None = None) -> OnnxCaptioner:
+        """Load a directory written by `captioner export` (threads: see `load_session`)."""
+        if path is None:
+            raise CheckpointError(
+                "the onnx runtime needs --model DIR, a directory made by `captioner export`"
+            )
+        path = Path(path)
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except OSError as e:
+            raise CheckpointError(f"{path}: not an ONNX export (no config.json)") from e
+        if "onnx" not in config:
+            raise CheckpointError(
+                f"{path}: a torch checkpoint, not an ONNX export; make one with "
+                f"`captioner export --model {path} --out DIR`"
+            )
+        check_compatible(config, path)
+        missing = [f for f in (ENCODER, INIT, STEP, "vocab.json") if not (path / f).exists()]
+        if missing:
+            raise CheckpointError(f"{path}: an incomplete ONNX export, missing {', '.join(missing)}")
+        onnx = config["onnx"]
+        encoder = OnnxEncoder(
+            load_session(path / ENCODER, threads),
+            config["encoder"]["name"],
+            Preprocess.from_dict(config["encoder"]["preprocess"]),
+        )
+        decoder = OnnxDecoder(
+            load_session(path / INIT, threads),
+            load_session(path / STEP, threads),
+            list(onnx["state"]),
+            list(onnx["updates"]),
+            bool(onnx["attention"]),
+        )
+        return cls(encoder, decoder, Vocabulary.load(path / "vocab.json"), config)
+
+    def eval(self) -> OnnxCaptioner:  # what Captioner.caption_tensors calls on itself
+        return self
+
+    generate = Captioner.generate
+    caption_tensors = Captioner.caption_tensors
+    caption = Captioner.caption
