@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except ImportError as e:  # an optional part of the package whose dependencies are not installed
-        print(f"captioner: error: {e}; install it with: pip install 'captioner[web]'", file=sys.stderr)
+        print(
+            f"captioner: error: {e} (a dependency of this command is missing: `make install`)",
+            file=sys.stderr,
+        )
         return 1
     except (ValueError, RuntimeError, KeyError, OSError) as e:
         # Our errors (DataError, ImageError, CheckpointError, ...) carry the file and what is wrong.
