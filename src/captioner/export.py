@@ -16,6 +16,7 @@ Every batch axis is dynamic. The export is checked against torch before it is sw
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ from captioner import __version__
 from captioner.model import Captioner, _replace_dir
 
 ENCODER, INIT, STEP = "encoder.onnx", "decoder_init.onnx", "decoder_step.onnx"
-OPSET = 17  # the TorchScript exporter's well-trodden opset; onnxruntime >= 1.14 runs it
+OPSET = 17  # well-trodden by the TorchScript exporter; onnxruntime >= 1.13 runs it
 RTOL, ATOL = 1e-3, 1e-4  # onnxruntime vs torch; a wrong graph is off by far more than float rounding
 
 
@@ -69,10 +70,14 @@ def export_onnx(model: Captioner, out: str | os.PathLike) -> Path:
     `out` may be replaced only if it is missing, empty, or a previous export: never a checkpoint or
     some other folder that a typo named.
     """
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"exporting to ONNX needs {' and '.join(missing)}: pip install {' '.join(missing)}")
     out = Path(out)
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
     was_training = model.training
     try:
         model.eval()

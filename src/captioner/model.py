@@ -126,6 +126,7 @@ class Captioner(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
         try:
             tensors = {
                 f"decoder.{k}": v.detach().to(dtype).contiguous()
