@@ -1,0 +1,312 @@
+"""Speed and memory benchmarks, measured in one run so that ratios are fair on a noisy machine.
+
+    python benchmarks/run.py --images ../shared/flickr8k/Images --features features/flickr8k-lite2
+
+Writes a Markdown report (default docs/benchmarks.md) with the machine it ran on:
+  * encoder-only images/s, and end-to-end images/s (JPEG on disk -> caption) at batch 1 and 32, greedy
+    and beam 3, with the ratio end-to-end / encoder-only;
+  * batched beam search against one image at a time (same model, same images, same captions);
+  * training throughput on cached features, and peak memory of training and of captioning;
+  * cold start of `captioner --help` and `captioner caption one.jpg`;
+  * PyTorch against onnxruntime for the same captions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from captioner.decoding import beam_search
+from captioner.images import build_transform, load_image
+from captioner.inference import caption_files
+from captioner.model import Captioner, resolve_model
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = (
+        int(
+            next(
+                line.split()[1]
+                for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")
+            )
+        )
+        / 2**20
+    )
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, no GPU; Python {platform.python_version()}, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads"
+    )
+
+
+def timed(fn, repeat: int = 1) -> float:
+    """Best wall time of `repeat` runs (the least disturbed by other work on the machine)."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def throughput(model: Captioner, paths: list[Path], repeat: int) -> list[dict]:
+    transform = build_transform(model.encoder.preprocess)
+    tensors = torch.stack([transform(load_image(p)) for p in paths])
+    rows = []
+    for batch in (1, 32):
+
+        def encode(batch=batch):
+            with torch.inference_mode():
+                for s in range(0, len(tensors), batch):
+                    model.encoder(tensors[s : s + batch])
+
+        enc = len(paths) / timed(encode, repeat)
+        for beam in (1, 3):
+
+            def end_to_end(batch=batch, beam=beam):
+                for _ in caption_files(model, paths, batch_size=batch, beam_size=beam):
+                    pass
+
+            e2e = len(paths) / timed(end_to_end, repeat)
+            rows.append(
+                {"batch": batch, "beam": beam, "encoder_img_s": enc, "e2e_img_s": e2e, "ratio": e2e / enc}
+            )
+    return rows
+
+
+def beam_batched_vs_single(model: Captioner, paths: list[Path], repeat: int) -> dict:
+    transform = build_transform(model.encoder.preprocess)
+    with torch.inference_mode():
+        pooled, grid = model.encoder(torch.stack([transform(load_image(p)) for p in paths]))
+    ids = {
+        "start_id": model.vocab.start_id,
+        "end_id": model.vocab.end_id,
+        "max_length": model.vocab.max_length,
+    }
+    out: dict = {}
+
+    def batched():
+        out["batched"] = []
+        with torch.inference_mode():
+            for s in range(0, len(paths), 32):
+                out["batched"] += beam_search(
+                    model.decoder, pooled[s : s + 32], grid[s : s + 32], beam_size=3, **ids
+                )
+
+    def one_by_one():  # the tutorials' loop: every image decoded on its own, its k beams as the batch
+        out["single"] = []
+        with torch.inference_mode():
+            for i in range(len(paths)):
+                out["single"] += beam_search(
+                    model.decoder, pooled[i : i + 1], grid[i : i + 1], beam_size=3, **ids
+                )
+
+    t_batched, t_single = timed(batched, repeat), timed(one_by_one, repeat)
+    same = [h[0].tokens for h in out["batched"]] == [h[0].tokens for h in out["single"]]
+    return {
+        "batched_cap_s": len(paths) / t_batched,
+        "single_cap_s": len(paths) / t_single,
+        "speedup": t_single / t_batched,
+        "same_captions": same,
+    }
+
+
+def training_throughput(features: str | None, model_dir: Path, steps: int) -> list[dict]:
+    if not features:
+        return []
+    from captioner.decoders import create_decoder
+    from captioner.features import FeatureStore
+    from captioner.vocab import Vocabulary
+
+    store = FeatureStore.open(features)
+    vocab = Vocabulary.load(model_dir / "vocab.json")
+    rows = []
+    for name in ("show_tell", "merge", "attention"):
+        torch.manual_seed(0)
+        decoder = create_decoder(name, vocab_size=len(vocab), feature_dim=store.grid.shape[2])
+        optimizer = torch.optim.Adam(decoder.parameters(), 4e-4)
+        pooled, grid = store.features(range(64))
+        tokens = torch.randint(4, len(vocab), (64, 14))
+        tokens[:, 0] = vocab.start_id
+
+        args = (decoder, optimizer, pooled, grid, tokens)
+        _train_step(*args)  # warm-up
+        seconds = timed(lambda args=args: [_train_step(*args) for _ in range(steps)])
+        rows.append({"decoder": name, "captions_s": 64 * steps / seconds})
+    return rows
+
+
+def _train_step(decoder, optimizer, pooled, grid, tokens) -> None:
+    logits, aux = decoder(pooled, grid, tokens[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    optimizer.zero_grad()
+    (loss + aux).backward()
+    optimizer.step()
+
+
+def run_command(args: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak resident memory (MiB) of a command, run in a fresh process."""
+    code = (
+        "import resource, subprocess, sys, time; t = time.perf_counter(); "
+        "r = subprocess.run(sys.argv[1:], capture_output=True); "
+        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, check=True
+    ).stdout
+    seconds, kib, rc = out.split()
+    if rc != "0":
+        raise RuntimeError(f"{' '.join(args)} failed with {rc}")
+    return float(seconds), int(kib) / 1024
+
+
+def onnx_vs_torch(model: Captioner, paths: list[Path], repeat: int) -> dict | None:
+    try:
+        from captioner.export import export_onnx
+        from captioner.runtime import OnnxCaptioner
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx = OnnxCaptioner.from_pretrained(export_onnx(model, Path(tmp) / "onnx"))
+        captions = {}
+
+        def run(m, key):
+            captions[key] = [r.get("caption") for _, r in caption_files(m, paths, batch_size=32, beam_size=3)]
+
+        t_torch = timed(lambda: run(model, "torch"), repeat)
+        t_onnx = timed(lambda: run(onnx, "onnx"), repeat)
+    return {
+        "torch_img_s": len(paths) / t_torch,
+        "onnx_img_s": len(paths) / t_onnx,
+        "speedup": t_torch / t_onnx,
+        "same_captions": captions["torch"] == captions["onnx"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", required=True, help="a folder of JPEGs")
+    p.add_argument("--model", default=None)
+    p.add_argument("--features", default=None, help="a feature cache for the training benchmark")
+    p.add_argument("--data", default="../shared/flickr8k", help="the data set the feature cache was made of")
+    p.add_argument("--count", type=int, default=64, help="images per measurement")
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--out", default="docs/benchmarks.md")
+    args = p.parse_args()
+
+    paths = sorted(Path(args.images).glob("*.jpg"))[: args.count]
+    model_dir = resolve_model(args.model)
+    model = Captioner.from_pretrained(args.model)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    report = {"machine": machine(), "model": str(model_dir), "images": len(paths)}
+    report["throughput"] = throughput(model, paths, args.repeat)
+    report["beam"] = beam_batched_vs_single(model, paths, args.repeat)
+    report["training"] = training_throughput(args.features, model_dir, steps=10)
+    report["onnx"] = onnx_vs_torch(model, paths, args.repeat)
+    exe = [sys.executable, "-m", "captioner"]
+    report["cold_start"] = {
+        "help_s": statistics.median(run_command([*exe, "--help"])[0] for _ in range(3)),
+        "caption_one_s": statistics.median(
+            run_command([*exe, "caption", str(paths[0])])[0] for _ in range(3)
+        ),
+    }
+    report["memory_mib"] = {
+        "caption_32": run_command([*exe, "caption", *map(str, paths[:32]), "--batch-size", "32"])[1],
+    }
+    if args.features:
+        with tempfile.TemporaryDirectory() as tmp:
+            config = Path(model_dir) / "train_config.yaml"
+            overrides = [
+                f"train.out_dir={tmp}/run",
+                "train.max_steps=20",
+                "data.val_images=50",
+                f"data.root={args.data}",
+                f"data.features={args.features}",
+            ]
+            report["memory_mib"]["train_20_steps"] = run_command(
+                [*exe, "train", "--config", str(config), *overrides]
+            )[1]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(render(report, started))
+    Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    print(render(report, started))
+
+
+def render(r: dict, started: str) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Measured {started} by `python benchmarks/run.py` on {r['machine']}.",
+        f"Model: `{r['model']}`; {r['images']} Flickr8k JPEGs per measurement; best of repeated runs.",
+        "",
+        "## Captioning throughput (images/s)",
+        "",
+        "| batch | beam | encoder only | end to end (JPEG -> caption) | end to end / encoder |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for t in r["throughput"]:
+        lines.append(
+            f"| {t['batch']} | {t['beam']} | {t['encoder_img_s']:.1f} | {t['e2e_img_s']:.1f} | "
+            f"{t['ratio']:.2f} |"
+        )
+    b = r["beam"]
+    lines += [
+        "",
+        "## Beam search (beam 3): batched against one image at a time",
+        "",
+        f"Batched over 32 images: {b['batched_cap_s']:.1f} captions/s; one image at a time: "
+        f"{b['single_cap_s']:.1f} captions/s; **{b['speedup']:.1f}x**; same captions: {b['same_captions']}.",
+    ]
+    if r["training"]:
+        lines += [
+            "",
+            "## Training on cached features (batch 64)",
+            "",
+            "| decoder | captions/s |",
+            "|---|---:|",
+        ]
+        lines += [f"| {t['decoder']} | {t['captions_s']:.0f} |" for t in r["training"]]
+    if r["onnx"]:
+        o = r["onnx"]
+        lines += [
+            "",
+            "## PyTorch against onnxruntime (batch 32, beam 3, end to end)",
+            "",
+            f"PyTorch {o['torch_img_s']:.1f} images/s, onnxruntime {o['onnx_img_s']:.1f} images/s "
+            f"({o['speedup']:.2f}x); same captions: {o['same_captions']}.",
+        ]
+    c, m = r["cold_start"], r["memory_mib"]
+    lines += [
+        "",
+        "## Cold start and memory",
+        "",
+        f"`captioner --help`: {c['help_s']:.2f} s; `captioner caption one.jpg` (imports, model load, "
+        f"caption): {c['caption_one_s']:.1f} s (medians of 3).",
+        "",
+        "Peak resident memory: "
+        + "; ".join(f"{k.replace('_', ' ')} {v:.0f} MiB" for k, v in m.items())
+        + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
