@@ -222,14 +222,17 @@ def main() -> None:
     report["training"] = training_throughput(args.features, model_dir, steps=10)
     report["onnx"] = onnx_vs_torch(model, paths, args.repeat)
     exe = [sys.executable, "-m", "captioner"]
+    with_model = ["--model", args.model] if args.model else []
     report["cold_start"] = {
         "help_s": statistics.median(run_command([*exe, "--help"])[0] for _ in range(3)),
         "caption_one_s": statistics.median(
-            run_command([*exe, "caption", str(paths[0])])[0] for _ in range(3)
+            run_command([*exe, "caption", str(paths[0]), *with_model])[0] for _ in range(3)
         ),
     }
     report["memory_mib"] = {
-        "caption_32": run_command([*exe, "caption", *map(str, paths[:32]), "--batch-size", "32"])[1],
+        "caption_32": run_command(
+            [*exe, "caption", *map(str, paths[:32]), "--batch-size", "32", *with_model]
+        )[1],
     }
     if args.features:
         with tempfile.TemporaryDirectory() as tmp:
