@@ -115,6 +115,19 @@ def test_checkpoint_round_trip_gives_the_same_captions(tiny_model, tiny_data, tm
     config = json.loads((tmp_path / "copy" / "config.json").read_text())
     assert config["encoder"]["name"] == "efficientnet_lite0" and config["decoder"]["name"] == "attention"
     assert config["captioner_version"]
+    assert "generation" not in config
+
+
+def test_generation_defaults_travel_with_the_model(tiny_model, tiny_data, tmp_path):
+    image = next((tiny_data / "images").glob("blue_*.jpg"))
+    model = Captioner.from_pretrained(tiny_model)
+    model.generation = {"length_penalty": 3.0}
+    model.save_pretrained(tmp_path / "lp")
+    loaded = Captioner.from_pretrained(tmp_path / "lp")
+    assert loaded.generation == {"length_penalty": 3.0}
+    by_default = loaded.caption(image, beam_size=3)
+    assert by_default.score == loaded.caption(image, beam_size=3, length_penalty=3.0).score
+    assert by_default.score != loaded.caption(image, beam_size=3, length_penalty=0.0).score
 
 
 def test_incompatible_checkpoint_is_refused_clearly(tiny_model, tmp_path):

@@ -71,7 +71,7 @@ def evaluate_model(
     split: str = "test",
     model: str | None = None,
     beam_sizes: Sequence[int] = (3,),
-    length_penalty: float = 0.0,
+    length_penalty: float | None = None,
     batch_size: int = 32,
     limit: int | None = None,
     features: str | None = None,
@@ -129,7 +129,9 @@ def evaluate_model(
                 "images": len(examples),
                 "failed": len(errors),
                 "beam_size": beam_size,
-                "length_penalty": length_penalty,
+                "length_penalty": captioner.generation.get("length_penalty", 0.0)
+                if length_penalty is None
+                else length_penalty,
                 "encode_seconds": round(encode_seconds, 1),
                 "decode_seconds": round(decode_seconds, 1),
                 "scores": scores,

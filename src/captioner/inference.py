@@ -68,7 +68,7 @@ def caption_paths(
     model: str | None,
     beam_size: int = 3,
     n_best: int = 1,
-    length_penalty: float = 0.0,
+    length_penalty: float | None = None,
     temperature: float | None = None,
     top_p: float = 1.0,
     batch_size: int = 16,

@@ -79,6 +79,9 @@ class Captioner(nn.Module):
         self.encoder, self.decoder, self.vocab = encoder, decoder, vocab
         self.decoder_config = dict(decoder_config)  # {"name": ..., **options}
         self.encoder_finetuned = encoder_finetuned
+        # Decoding defaults stored with the model, like Hugging Face's generation config: e.g. the length
+        # penalty that did best on the validation split. Explicit arguments always win.
+        self.generation: dict = {}
 
     @classmethod
     def build(
@@ -112,6 +115,7 @@ class Captioner(nn.Module):
                 "finetuned": self.encoder_finetuned,
             },
             "decoder": self.decoder_config,
+            **({"generation": self.generation} if self.generation else {}),
         }
 
     def save_pretrained(
@@ -141,6 +145,8 @@ class Captioner(nn.Module):
             self.vocab.save(tmp / "vocab.json")
             if extra is not None:  # more files for the same atomic directory (e.g. the training state)
                 extra(tmp)
+            for f in tmp.iterdir():
+                f.chmod(0o644)  # some writers create private files; a checkpoint is meant to be shared
             _replace_dir(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -169,6 +175,7 @@ class Captioner(nn.Module):
         model.decoder.load_state_dict(
             {k[8:]: v.float() for k, v in tensors.items() if k.startswith("decoder.")}
         )
+        model.generation = dict(config.get("generation", {}))
         if enc_cfg.get("finetuned", False):
             model.encoder.load_state_dict(
                 {k[8:]: v.float() for k, v in tensors.items() if k.startswith("encoder.")}
@@ -185,7 +192,7 @@ class Captioner(nn.Module):
         *,
         beam_size: int = 3,
         n_best: int = 1,
-        length_penalty: float = 0.0,
+        length_penalty: float | None = None,
         max_length: int | None = None,
         temperature: float | None = None,
         top_p: float = 1.0,
@@ -197,6 +204,8 @@ class Captioner(nn.Module):
             "max_length": max_length or self.vocab.max_length,
         }
         v = self.vocab
+        if length_penalty is None:
+            length_penalty = float(self.generation.get("length_penalty", 0.0))
         decoder = WithoutWords(self.decoder, [v.pad_id, v.start_id, v.unk_id])
         if temperature is not None:
             return [[h] for h in sample(decoder, pooled, grid, temperature=temperature, top_p=top_p, **ids)]

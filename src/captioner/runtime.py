@@ -89,6 +89,7 @@ class OnnxCaptioner:
 
     def __init__(self, encoder: OnnxEncoder, decoder: OnnxDecoder, vocab: Vocabulary, config: dict):
         self.encoder, self.decoder, self.vocab, self.config = encoder, decoder, vocab, config
+        self.generation = dict(config.get("generation", {}))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None, *, threads: int | None = None) -> OnnxCaptioner:
