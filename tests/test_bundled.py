@@ -1,0 +1,19 @@
+"""The model that ships in the package: loads with no arguments and tells photos apart."""
+
+from pathlib import Path
+
+from captioner import Captioner
+
+EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.jpg"))
+
+
+def test_bundled_model_captions_the_examples_differently():
+    model = Captioner.from_pretrained()
+    assert model.encoder.name == "efficientnet_lite2" and model.decoder_config["name"] == "attention"
+    assert model.generation == {"length_penalty": 1.5}
+    results = model.caption(EXAMPLES)
+    captions = [r.caption for r in results]
+    assert len(EXAMPLES) >= 5 and all(len(c.split()) >= 4 for c in captions), captions
+    assert len(set(captions)) == len(captions), captions  # never the same caption for every photo
+    assert all(r.attention is not None and r.grid_shape == (9, 9) for r in results)
+    assert all(w not in {"<unk>", "<pad>", "<start>", "<end>"} for r in results for w in r.words)
