@@ -25,6 +25,7 @@ class WithoutWords:
 
     def __init__(self, decoder, banned: list[int]):
         self.decoder, self.banned = decoder, banned
+        self.static_state = getattr(decoder, "static_state", ())
 
     def init_state(self, pooled: torch.Tensor, grid: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.decoder.init_state(pooled, grid)
@@ -40,8 +41,12 @@ def length_penalty(length: torch.Tensor, alpha: float) -> torch.Tensor:
     return ((5.0 + length.float()) / 6.0) ** alpha
 
 
-def _select(state: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {k: v.index_select(0, index) for k, v in state.items()}
+def _select(
+    state: dict[str, torch.Tensor], index: torch.Tensor, keep: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """Reorder every state tensor along the batch; `keep` names tensors that are equal for all beams of
+    an image (the encoder grid), which a reordering within each image cannot change."""
+    return {k: v if k in keep else v.index_select(0, index) for k, v in state.items()}
 
 
 @torch.no_grad()
@@ -67,6 +72,8 @@ def beam_search(
     n_best = min(n_best, k)
     state = decoder.init_state(pooled, grid)
     state = _select(state, torch.arange(batch, device=pooled.device).repeat_interleave(k))
+    # Beams only ever move within their own image, so per-image tensors need no copying at every step.
+    static = tuple(getattr(decoder, "static_state", ()))
     log_prob = torch.full((batch, k), float("-inf"), device=pooled.device)
     log_prob[:, 0] = 0.0  # all beams start identical: keep one alive
     tokens = torch.full((batch * k,), start_id, dtype=torch.long, device=pooled.device)
@@ -95,7 +102,7 @@ def beam_search(
         was_finished = finished.gather(1, beam)
         lengths = torch.where(was_finished, lengths.gather(1, beam), lengths.gather(1, beam) + 1)
         finished = was_finished | (word == end_id)
-        state = _select(state, origin)
+        state = _select(state, origin, keep=static)
         history = torch.cat([history.index_select(0, origin), word.view(-1, 1)], dim=1)
         if alpha_t is not None:
             prev = attention.index_select(0, origin) if attention is not None else None

@@ -67,6 +67,7 @@ class OnnxDecoder:
     def __init__(self, init, step, names: list[str], updates: list[str], attention: bool):
         self.init, self.step_session = init, step
         self.names, self.updates, self.attention = names, updates, attention
+        self.static_state = tuple(n for n in names if n not in updates)  # never changed by a step
 
     def init_state(self, pooled: torch.Tensor, grid: torch.Tensor) -> dict[str, torch.Tensor]:
         outs = run(self.init, {"pooled": pooled, "grid": grid})

@@ -8,7 +8,8 @@ treat them alike:
     step(tokens [B], state)       -> (log_probs [B, V], new state, attention weights [B, H*W] or None)
 
 `tokens` holds <start> w1 .. wn (the inputs); logits at position t predict token t+1 (ending with <end>).
-Decoding reorders beams by indexing every tensor of a state along dimension 0.
+Decoding reorders beams by indexing every tensor of a state along dimension 0, except those a decoder
+names in `static_state` (per-image tensors that no step changes, such as the encoder grid).
 """
 
 from __future__ import annotations

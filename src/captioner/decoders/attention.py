@@ -29,6 +29,8 @@ class Attention(nn.Module):
 
 @register("attention")
 class SoftAttention(nn.Module):
+    static_state = ("grid", "grid_att")  # the same at every step: beam search need not reorder them
+
     def __init__(
         self,
         vocab_size: int,

@@ -14,6 +14,8 @@ from captioner.decoders import register
 
 @register("merge")
 class Merge(nn.Module):
+    static_state = ("image",)  # the same at every step: beam search need not reorder it
+
     def __init__(
         self,
         vocab_size: int,
