@@ -10,10 +10,13 @@ EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.jpg"))
 def test_bundled_model_captions_the_examples_differently():
     model = Captioner.from_pretrained()
     assert model.encoder.name == "efficientnet_lite2" and model.decoder_config["name"] == "attention"
-    assert model.generation == {"length_penalty": 1.5}
+    assert model.generation == {"length_penalty": 1.5, "no_repeat_ngram": 3}
     results = model.caption(EXAMPLES)
     captions = [r.caption for r in results]
     assert len(EXAMPLES) >= 5 and all(len(c.split()) >= 4 for c in captions), captions
     assert len(set(captions)) == len(captions), captions  # never the same caption for every photo
     assert all(r.attention is not None and r.grid_shape == (9, 9) for r in results)
     assert all(w not in {"<unk>", "<pad>", "<start>", "<end>"} for r in results for w in r.words)
+    for r in results:  # trigram blocking: no three-word sequence twice
+        trigrams = list(zip(r.words, r.words[1:], r.words[2:], strict=False))
+        assert len(trigrams) == len(set(trigrams)), r.caption

@@ -156,3 +156,20 @@ def test_placeholders_are_never_generated():
         ],
     ):
         assert all(not {0, 1, 3} & set(h.tokens) for h in search)
+
+
+def test_no_repeated_ngrams():
+    decoder, pooled, grid = make("show_tell", seed=5)
+    with torch.no_grad():
+        decoder.fc.bias[END] = -1e4  # long captions: plenty of room to repeat
+    plain = beam_search(decoder, pooled, grid, start_id=START, end_id=END, max_length=25, beam_size=3)
+    blocked = beam_search(
+        decoder, pooled, grid, start_id=START, end_id=END, max_length=25, beam_size=3, no_repeat_ngram=3
+    )
+
+    def repeats(tokens):
+        grams = list(zip(tokens, tokens[1:], tokens[2:], strict=False))
+        return len(grams) - len(set(grams))
+
+    assert sum(repeats(h[0].tokens) for h in plain) > 0  # without blocking this model repeats itself
+    assert all(repeats(h[0].tokens) == 0 for h in blocked)

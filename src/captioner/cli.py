@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--beam-size", type=int, default=3)
     c.add_argument("--n-best", type=int, default=1)
     c.add_argument("--length-penalty", type=float, default=None, help="default: the model's own")
+    c.add_argument("--no-repeat-ngram", type=int, default=None, help="block repeated n-grams (beam search)")
     c.add_argument("--temperature", type=float, default=None, help="sample instead of searching")
     c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
     c.add_argument("--batch-size", type=int, default=16)
@@ -94,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--model", default=None)
     v.add_argument("--beam-size", type=int, nargs="+", default=[3], help="one or more, e.g. 1 3 5")
     v.add_argument("--length-penalty", type=float, default=None, help="default: the model's own")
+    v.add_argument("--no-repeat-ngram", type=int, default=None, help="block repeated n-grams (beam search)")
     v.add_argument("--batch-size", type=int, default=32)
     v.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
     v.add_argument("--features", default=None, help="feature cache of the model's encoder (faster)")
@@ -230,6 +232,7 @@ def _caption(args: argparse.Namespace) -> int:
         beam_size=args.beam_size,
         n_best=args.n_best,
         length_penalty=args.length_penalty,
+        no_repeat_ngram=args.no_repeat_ngram,
         temperature=args.temperature,
         top_p=args.top_p,
         batch_size=args.batch_size,
@@ -247,6 +250,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         model=args.model,
         beam_sizes=args.beam_size,
         length_penalty=args.length_penalty,
+        no_repeat_ngram=args.no_repeat_ngram,
         batch_size=args.batch_size,
         limit=args.limit,
         features=args.features,

@@ -49,6 +49,17 @@ def _select(
     return {k: v if k in keep else v.index_select(0, index) for k, v in state.items()}
 
 
+def _block_repeats(log_probs: torch.Tensor, history: torch.Tensor, n: int) -> None:
+    """Forbid, in place, each word that would complete an n-gram already in that row's history."""
+    t = history.shape[1]
+    if t < n:
+        return
+    windows = history.unfold(1, n, 1)  # [rows, t - n + 1, n]: every n-gram so far
+    prefix = history[:, t - n + 1 :].unsqueeze(1)  # the last n - 1 words
+    rows, at = (windows[:, :, :-1] == prefix).all(dim=2).nonzero(as_tuple=True)
+    log_probs[rows, windows[rows, at, -1]] = float("-inf")
+
+
 @torch.no_grad()
 def beam_search(
     decoder,
@@ -61,11 +72,13 @@ def beam_search(
     beam_size: int = 3,
     n_best: int = 1,
     alpha: float = 0.0,
+    no_repeat_ngram: int = 0,
 ) -> list[list[Hypothesis]]:
     """Batched beam search: one decoder step advances every beam of every image together.
 
     Finished beams stay in the beam with their score frozen (they can only extend with <end> at no cost),
     so the tensors keep a fixed shape [B * K]. Candidates are ranked by length-penalised score.
+    With no_repeat_ngram = n, no caption repeats an n-gram ("a man in a hat and a hat and a hat").
     Returns, per image, the `n_best` hypotheses, best first.
     """
     batch, k = pooled.shape[0], beam_size
@@ -86,6 +99,8 @@ def beam_search(
         step_lp, state, alpha_t = decoder.step(tokens, state)
         vocab = step_lp.shape[1]
         step_lp = step_lp.view(batch, k, vocab).clone()
+        if no_repeat_ngram > 0:
+            _block_repeats(step_lp.view(batch * k, vocab), history, no_repeat_ngram)
         if t == max_length:  # hard stop: only <end> is allowed now
             forced = torch.full_like(step_lp, float("-inf"))
             forced[..., end_id] = step_lp[..., end_id]

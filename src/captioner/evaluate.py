@@ -72,6 +72,7 @@ def evaluate_model(
     model: str | None = None,
     beam_sizes: Sequence[int] = (3,),
     length_penalty: float | None = None,
+    no_repeat_ngram: int | None = None,
     batch_size: int = 32,
     limit: int | None = None,
     features: str | None = None,
@@ -114,7 +115,13 @@ def evaluate_model(
     for beam_size in beam_sizes:
         start = time.perf_counter()
         captions = decode(
-            captioner, pooled, grid, batch_size, beam_size=beam_size, length_penalty=length_penalty
+            captioner,
+            pooled,
+            grid,
+            batch_size,
+            beam_size=beam_size,
+            length_penalty=length_penalty,
+            no_repeat_ngram=no_repeat_ngram,
         )
         generated = {keys[i]: c for i, c in zip(ok, captions, strict=True)}
         decode_seconds = time.perf_counter() - start

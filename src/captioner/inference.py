@@ -69,6 +69,7 @@ def caption_paths(
     beam_size: int = 3,
     n_best: int = 1,
     length_penalty: float | None = None,
+    no_repeat_ngram: int | None = None,
     temperature: float | None = None,
     top_p: float = 1.0,
     batch_size: int = 16,
@@ -94,6 +95,7 @@ def caption_paths(
         beam_size=beam_size,
         n_best=n_best,
         length_penalty=length_penalty,
+        no_repeat_ngram=no_repeat_ngram,
         temperature=temperature,
         top_p=top_p,
     ):

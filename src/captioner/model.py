@@ -193,6 +193,7 @@ class Captioner(nn.Module):
         beam_size: int = 3,
         n_best: int = 1,
         length_penalty: float | None = None,
+        no_repeat_ngram: int | None = None,
         max_length: int | None = None,
         temperature: float | None = None,
         top_p: float = 1.0,
@@ -206,13 +207,22 @@ class Captioner(nn.Module):
         v = self.vocab
         if length_penalty is None:
             length_penalty = float(self.generation.get("length_penalty", 0.0))
+        if no_repeat_ngram is None:
+            no_repeat_ngram = int(self.generation.get("no_repeat_ngram", 0))
         decoder = WithoutWords(self.decoder, [v.pad_id, v.start_id, v.unk_id])
         if temperature is not None:
             return [[h] for h in sample(decoder, pooled, grid, temperature=temperature, top_p=top_p, **ids)]
         if beam_size == 1 and n_best == 1:
             return [[h] for h in greedy(decoder, pooled, grid, **ids)]
         return beam_search(
-            decoder, pooled, grid, beam_size=beam_size, n_best=n_best, alpha=length_penalty, **ids
+            decoder,
+            pooled,
+            grid,
+            beam_size=beam_size,
+            n_best=n_best,
+            alpha=length_penalty,
+            no_repeat_ngram=no_repeat_ngram,
+            **ids,
         )
 
     @torch.inference_mode()
