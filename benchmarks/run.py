@@ -236,7 +236,7 @@ def main() -> None:
     }
     if args.features:
         with tempfile.TemporaryDirectory() as tmp:
-            config = Path(model_dir) / "train_config.yaml"
+            config = Path(__file__).parents[1] / "configs" / "flickr8k_attention.yaml"
             overrides = [
                 f"train.out_dir={tmp}/run",
                 "train.max_steps=20",
