@@ -92,16 +92,23 @@ def export_onnx(model: Captioner, out: str | os.PathLike) -> Path:
     return out
 
 
-def _export_graphs(model: Captioner, folder: Path) -> dict:
-    """Trace the three graphs into `folder`; returns the config's "onnx" section."""
+def _torch_run(model: Captioner, batch: int, seed: int) -> tuple:
+    """Random images and words through encoder, init_state and one step: example inputs and the torch
+    outputs the graphs are traced from (and checked against)."""
     size = model.encoder.preprocess.size
-    make = torch.Generator().manual_seed(0)
-    images = torch.randn(2, 3, size, size, generator=make)
-    tokens = torch.randint(len(model.vocab), (2,), generator=make)
+    make = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, size, size, generator=make)
+    tokens = torch.randint(len(model.vocab), (batch,), generator=make)
     with torch.no_grad():
         pooled, grid = model.encoder(images)
         state = model.decoder.init_state(pooled, grid)
-        _, new, alpha = model.decoder.step(tokens, state)
+        log_probs, new, alpha = model.decoder.step(tokens, state)
+    return images, tokens, pooled, grid, state, log_probs, new, alpha
+
+
+def _export_graphs(model: Captioner, folder: Path) -> dict:
+    """Trace the three graphs into `folder`; returns the config's "onnx" section."""
+    images, tokens, pooled, grid, state, _, new, alpha = _torch_run(model, batch=2, seed=0)
     names = list(state)
     updates = [k for k in names if new[k] is not state[k]]
     attention = alpha is not None
@@ -173,14 +180,7 @@ def _validate(model: Captioner, folder: Path, onnx: dict) -> dict[str, float]:
     absolute difference, kept in config.json as a record of the check."""
     from captioner.runtime import load_session, run
 
-    size = model.encoder.preprocess.size
-    make = torch.Generator().manual_seed(1)
-    images = torch.randn(3, 3, size, size, generator=make)
-    tokens = torch.randint(len(model.vocab), (3,), generator=make)
-    with torch.no_grad():
-        pooled, grid = model.encoder(images)
-        state = model.decoder.init_state(pooled, grid)
-        log_probs, new, alpha = model.decoder.step(tokens, state)
+    images, tokens, pooled, grid, state, log_probs, new, alpha = _torch_run(model, batch=3, seed=1)
     names = onnx["state"]
     checks = {
         ENCODER: ({"images": images}, [pooled, grid]),

@@ -157,8 +157,6 @@ class Captioner(nn.Module):
         cls, name_or_path: str | os.PathLike | None = None, *, device: str = "cpu"
     ) -> Captioner:
         """Load a checkpoint directory, or a bundled model by name (default: the bundled Flickr8k model)."""
-        from safetensors.torch import load_file
-
         path = resolve_model(name_or_path)
         config = json.loads((path / "config.json").read_text())
         check_compatible(config, path)
@@ -171,17 +169,22 @@ class Captioner(nn.Module):
             pretrained_encoder=not enc_cfg.get("finetuned", False),
             preprocess=Preprocess.from_dict(enc_cfg["preprocess"]),
         )
-        tensors = load_file(str(path / "model.safetensors"))
-        model.decoder.load_state_dict(
-            {k[8:]: v.float() for k, v in tensors.items() if k.startswith("decoder.")}
-        )
         model.generation = dict(config.get("generation", {}))
-        if enc_cfg.get("finetuned", False):
-            model.encoder.load_state_dict(
-                {k[8:]: v.float() for k, v in tensors.items() if k.startswith("encoder.")}
-            )
-            model.encoder_finetuned = True
+        model.encoder_finetuned = bool(enc_cfg.get("finetuned", False))
+        model.load_weights(path / "model.safetensors")
         return model.to(device).eval()
+
+    def load_weights(self, file: str | os.PathLike) -> None:
+        """Load the decoder's weights (and the encoder's, when fine-tuned) from a checkpoint's safetensors."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(file))
+        parts = [("decoder.", self.decoder)] + (
+            [("encoder.", self.encoder)] if self.encoder_finetuned else []
+        )
+        for prefix, module in parts:
+            n = len(prefix)
+            module.load_state_dict({k[n:]: v.float() for k, v in tensors.items() if k.startswith(prefix)})
 
     # --- captioning ---
 

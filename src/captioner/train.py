@@ -120,9 +120,8 @@ class Source:
         """Features of whole images, for validation."""
         if self.store is not None:
             return self.store.features([self.row(ex) for ex in examples])
-        images = torch.stack(
-            [build_transform(self.model.encoder.preprocess)(load_image(ex.image)) for ex in examples]
-        )
+        transform = build_transform(self.model.encoder.preprocess)
+        images = torch.stack([transform(load_image(ex.image)) for ex in examples])
         with torch.no_grad():
             return self.model.encoder(images)
 
@@ -433,13 +432,8 @@ def _training_state(state: dict, optimizer, scheduler) -> dict:
 
 
 def _load_state(last: Path, model: Captioner, optimizer, scheduler) -> dict:
-    from safetensors.torch import load_file
-
     saved = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
-    tensors = load_file(str(last / "model.safetensors"))
-    model.decoder.load_state_dict({k[8:]: v.float() for k, v in tensors.items() if k.startswith("decoder.")})
-    if model.encoder_finetuned:
-        model.encoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")})
+    model.load_weights(last / "model.safetensors")
     optimizer.load_state_dict(saved["optimizer"])
     if scheduler is not None and saved["scheduler"] is not None:
         scheduler.load_state_dict(saved["scheduler"])
