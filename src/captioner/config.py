@@ -70,6 +70,10 @@ class TrainConfig:
     log_every: int = 50
     save_every_steps: int = 0  # also checkpoint mid-epoch every N steps (0 = once per epoch)
     save_dtype: str = "float32"  # "float16" halves the size of shipped checkpoints
+    init_from: str | None = None  # start from this checkpoint's weights, vocabulary and decoder settings
+    scst: bool = False  # self-critical training (CIDEr-D reward) instead of cross-entropy; use with init_from
+    scst_samples: int = 5  # captions sampled per image
+    scst_baseline: str = "mean"  # "mean" of the image's other samples, or its "greedy" caption's reward
 
 
 @dataclass

@@ -32,8 +32,9 @@ from captioner.encoders import create_encoder
 from captioner.features import FeatureStore, image_key
 from captioner.images import ImageError, build_transform, load_image
 from captioner.metrics import CaptionScorer
-from captioner.model import Captioner
-from captioner.vocab import Vocabulary
+from captioner.model import Captioner, resolve_model
+from captioner.scst import CiderD, SelfCritical
+from captioner.vocab import Vocabulary, tokenize
 
 STATE_FILE = "training_state.pt"
 
@@ -110,6 +111,15 @@ class Source:
         transform = build_transform(pre, train=train and self.config.train.augment)
         return ImagePairs([examples[i].image for i, _ in index], captions, transform)
 
+    def images(self, examples: Sequence[Example]) -> TorchDataset:
+        """One item per image, its "caption" the image's index: what self-critical training samples from."""
+        index = [[i] for i in range(len(examples))]
+        if self.store is not None:
+            return FeaturePairs(self.store, [self.row(ex) for ex in examples], index)
+        pre = self.model.encoder.preprocess
+        transform = build_transform(pre, train=self.config.train.augment)
+        return ImagePairs([ex.image for ex in examples], index, transform)
+
     def encode(self, first: torch.Tensor, grid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if grid is not None:
             return first, grid
@@ -127,15 +137,24 @@ class Source:
 
 
 class TrainingStep(nn.Module):
-    """Encoder (if images) and decoder under teacher forcing: the module DistributedDataParallel wraps."""
+    """Encoder (if images), decoder and loss: the module DistributedDataParallel wraps.
 
-    def __init__(self, model: Captioner, source: Source):
+    Cross-entropy under teacher forcing on (image, caption) batches; or, given `scst`, the self-critical
+    loss on batches of images, whose "tokens" are then the images' indices. Returns (loss, mean reward).
+    """
+
+    def __init__(self, model: Captioner, source: Source, label_smoothing: float = 0.0, scst=None):
         super().__init__()
-        self.model, self.source = model, source
+        self.model, self.source, self.scst = model, source, scst
+        self.loss_fn = nn.CrossEntropyLoss(ignore_index=model.vocab.pad_id, label_smoothing=label_smoothing)
 
     def forward(self, first: torch.Tensor, grid: torch.Tensor | None, tokens: torch.Tensor):
         pooled, grid = self.source.encode(first, grid)
-        return self.model.decoder(pooled, grid, tokens[:, :-1])
+        if self.scst is not None:
+            return self.scst(pooled, grid, tokens[:, 0])
+        logits, aux = self.model.decoder(pooled, grid, tokens[:, :-1])
+        loss = self.loss_fn(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)) + aux
+        return loss, None
 
 
 # --- the loop ---
@@ -164,8 +183,11 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
     data = load_dataset(config.data.root, skip_missing=config.data.skip_missing)
     train_examples = data.split(config.data.train_split)
     val_examples = data.split(config.data.val_split)[: config.data.val_images or None]
+    start = _start_checkpoint(config) if tc.init_from else None
     if resume and (last / "vocab.json").exists():
         vocab = Vocabulary.load(last / "vocab.json")
+    elif start is not None:
+        vocab = Vocabulary.load(start / "vocab.json")
     else:
         vocab = Vocabulary.build(
             (c for ex in train_examples for c in ex.captions),
@@ -193,7 +215,13 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
         store.preprocess if store else dataclasses.replace(encoder.preprocess, resize=config.encoder.resize)
     )
     model = Captioner.build(encoder, config.decoder.options(), vocab)
-    if config.decoder.glove and not resume:
+    if start is not None and not resume:
+        saved = json.loads((start / "config.json").read_text())
+        model.encoder_finetuned = bool(saved["encoder"]["finetuned"])
+        model.generation = dict(saved.get("generation", {}))
+        model.load_weights(start / "model.safetensors")
+        print(f"starting from the weights of {start}")
+    elif config.decoder.glove and not resume:
         found = load_glove(model.decoder.embed, vocab, config.decoder.glove)
         print(f"GloVe: initialised {found:,} of {len(vocab):,} word vectors from {config.decoder.glove}")
     if config.encoder.finetune > 0 and store is None:
@@ -203,8 +231,14 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
         model.encoder.set_trainable(0.0)
 
     source = Source(config, data.root, model, store)
-    pairs = source.pairs(train_examples, vocab, train=True)
-    step_module: nn.Module = TrainingStep(model, source)
+    scst = None
+    if tc.scst:
+        references = [[tokenize(c) for c in ex.captions] for ex in train_examples]
+        scst = SelfCritical(model, CiderD(references), tc.scst_samples, tc.scst_baseline)
+        pairs = source.images(train_examples)
+    else:
+        pairs = source.pairs(train_examples, vocab, train=True)
+    step_module: nn.Module = TrainingStep(model, source, tc.label_smoothing, scst)
     if ddp.world > 1:
         step_module = nn.parallel.DistributedDataParallel(step_module)
     groups = [{"params": [p for p in model.decoder.parameters()], "lr": tc.lr}]
@@ -228,7 +262,6 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
     if ddp.main:
         (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         log = MetricsLog(out)
-    loss_fn = nn.CrossEntropyLoss(ignore_index=vocab.pad_id, label_smoothing=tc.label_smoothing)
 
     def save(where: Path, scores: dict | None = None) -> None:
         if not ddp.main:
@@ -269,10 +302,9 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
             desc=f"epoch {epoch + 1}/{tc.epochs}",
             unit="batch",
         )
-        started, seen, loss_sum, batches_seen = time.perf_counter(), 0, 0.0, 0
+        started, seen, loss_sum, reward_sum, batches_seen = time.perf_counter(), 0, 0.0, 0.0, 0
         for first, grid, tokens in bar:
-            logits, aux = step_module(first, grid, tokens)
-            loss = loss_fn(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)) + aux
+            loss, reward = step_module(first, grid, tokens)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip > 0:
@@ -281,12 +313,21 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
             state["step_in_epoch"] += 1
             state["global_step"] += 1
             seen, loss_sum, batches_seen = seen + tokens.shape[0], loss_sum + loss.item(), batches_seen + 1
+            reward_sum += reward or 0.0
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if ddp.main and state["global_step"] % tc.log_every == 0:  # mean loss since the last line
                 rate = seen / max(time.perf_counter() - started, 1e-9)
                 lr = optimizer.param_groups[0]["lr"]
-                log.write("train", state, loss=loss_sum / batches_seen, lr=lr, captions_per_s=rate)
-                started, seen, loss_sum, batches_seen = time.perf_counter(), 0, 0.0, 0
+                mean_reward = 100 * reward_sum / batches_seen if scst else None  # CIDEr-D, 0-100 like val
+                log.write(
+                    "train",
+                    state,
+                    loss=loss_sum / batches_seen,
+                    lr=lr,
+                    captions_per_s=rate,
+                    reward=mean_reward,
+                )
+                started, seen, loss_sum, reward_sum, batches_seen = time.perf_counter(), 0, 0.0, 0.0, 0
             if tc.save_every_steps and state["global_step"] % tc.save_every_steps == 0:
                 save(last)
             if tc.max_steps and state["global_step"] >= tc.max_steps:
@@ -329,6 +370,20 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
         log.close()
     distributed.cleanup(ddp)
     return best
+
+
+def _start_checkpoint(config: Config) -> Path:
+    """The checkpoint `train.init_from` names; its decoder settings replace the config's (they must match
+    its weights), and its encoder must be the configured one."""
+    path = resolve_model(config.train.init_from)
+    saved = json.loads((path / "config.json").read_text())
+    if saved["encoder"]["name"] != config.encoder.name:
+        raise ValueError(
+            f"train.init_from: {path} was trained on {saved['encoder']['name']} features, "
+            f"but encoder.name is {config.encoder.name}"
+        )
+    config.decoder = dataclasses.replace(config.decoder, **saved["decoder"])
+    return path
 
 
 def epoch_batches(
@@ -454,7 +509,7 @@ def _seed(seed: int) -> None:
 class MetricsLog:
     """metrics.csv (append-only, survives resumes), TensorBoard events and a loss-curve PNG."""
 
-    FIELDS = ("kind", "epoch", "step", "loss", "lr", "captions_per_s", "BLEU-4", "CIDEr", "time")
+    FIELDS = ("kind", "epoch", "step", "loss", "lr", "captions_per_s", "reward", "BLEU-4", "CIDEr", "time")
 
     def __init__(self, out: Path):
         self.out = out

@@ -1,0 +1,147 @@
+"""Self-critical sequence training (Rennie et al., 2017): fine-tune a captioner on its own captions.
+
+Cross-entropy teaches a model to predict the next reference word given the reference so far; at test time
+it reads its own words instead, and is scored with CIDEr. SCST closes that gap with REINFORCE: sample a few
+captions per image, score each with CIDEr-D against the image's references, and raise the log-probability
+of the samples that beat a baseline while lowering the others. The baseline is either the greedy caption's
+reward (the paper) or the mean reward of the image's other samples (Luo, 2020: no extra decoding pass).
+
+CIDEr-D here is coco-caption's (pycocoevalcap's n-gram counting, tf-idf weighting, clipping and length
+penalty), but its document frequencies come once from the training captions rather than from each batch,
+and each image's reference vectors are computed once: a reward is needed for every sample of every step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from captioner.decoding import WithoutWords, greedy
+
+NGRAMS, SIGMA = 4, 6.0
+
+
+def _counts(words: Sequence[str]) -> dict[tuple[str, ...], int]:
+    from pycocoevalcap.cider.cider_scorer import precook
+
+    return precook(" ".join(words), NGRAMS)
+
+
+class CiderD:
+    """CIDEr-D of candidate captions against fixed references, document frequencies from those references.
+
+    `references[i]` are image i's reference captions, each a list of words. Scores are on coco-caption's
+    scale (a perfect match of every reference scores 10), per candidate.
+    """
+
+    def __init__(self, references: Sequence[Sequence[Sequence[str]]]):
+        cooked = [[_counts(r) for r in refs] for refs in references]
+        self.df: dict[tuple[str, ...], float] = defaultdict(float)
+        for refs in cooked:
+            for ngram in {g for r in refs for g in r}:
+                self.df[ngram] += 1
+        self.log_n = math.log(float(len(references)))
+        self._refs = cooked
+        self._ref_vectors: dict[int, list] = {}
+
+    def _vector(self, counts: dict[tuple[str, ...], int]):
+        vec: list[dict[tuple[str, ...], float]] = [{} for _ in range(NGRAMS)]
+        norm = [0.0] * NGRAMS
+        length = 0
+        for ngram, tf in counts.items():
+            n = len(ngram) - 1
+            w = float(tf) * (self.log_n - math.log(max(1.0, self.df.get(ngram, 0.0))))
+            vec[n][ngram] = w
+            norm[n] += w * w
+            if n == 0:
+                length += tf
+        return vec, [math.sqrt(x) for x in norm], length
+
+    def score(self, image: int, words: Sequence[str]) -> float:
+        """CIDEr-D of one caption (a list of words) for reference set `image`."""
+        if image not in self._ref_vectors:
+            self._ref_vectors[image] = [self._vector(r) for r in self._refs[image]]
+        vec, norm, length = self._vector(_counts(words))
+        total = 0.0
+        for vec_r, norm_r, length_r in self._ref_vectors[image]:
+            penalty = math.exp(-((length - length_r) ** 2) / (2 * SIGMA**2))
+            for n in range(NGRAMS):
+                dot = sum(min(w, vec_r[n].get(g, 0.0)) * vec_r[n].get(g, 0.0) for g, w in vec[n].items())
+                if norm[n] != 0 and norm_r[n] != 0:
+                    dot /= norm[n] * norm_r[n]
+                total += dot * penalty
+        return 10.0 * total / NGRAMS / len(self._ref_vectors[image])
+
+
+def sample_with_log_probs(
+    decoder, pooled: torch.Tensor, grid: torch.Tensor, *, start_id: int, end_id: int, max_length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample one caption per row, keeping the graph: (tokens [B, T], log-probs [B, T], mask [B, T]).
+
+    The mask covers each caption's words and its <end> (the choice to stop is learned too); the last step
+    can only emit <end>, so sampling always ends.
+    """
+    batch = pooled.shape[0]
+    state = decoder.init_state(pooled, grid)
+    tokens = torch.full((batch,), start_id, dtype=torch.long, device=pooled.device)
+    alive = torch.ones(batch, dtype=torch.bool, device=pooled.device)
+    words, log_probs, masks = [], [], []
+    for t in range(max_length + 1):
+        lp, state, _ = decoder.step(tokens, state)
+        if t == max_length:
+            tokens = torch.full_like(tokens, end_id)
+        else:
+            tokens = torch.multinomial(lp.detach().exp(), 1).squeeze(1)
+        tokens = torch.where(alive, tokens, torch.full_like(tokens, end_id))
+        words.append(tokens)
+        log_probs.append(lp.gather(1, tokens[:, None]).squeeze(1))
+        masks.append(alive.clone())
+        alive = alive & (tokens != end_id)
+        if not bool(alive.any()):
+            break
+    return torch.stack(words, 1), torch.stack(log_probs, 1), torch.stack(masks, 1).float()
+
+
+class SelfCritical:
+    """The SCST loss of a batch of images (`captioner.train.TrainingStep` calls it in place of
+    cross-entropy)."""
+
+    def __init__(self, model, cider: CiderD, samples: int = 5, baseline: str = "mean"):
+        if baseline not in ("mean", "greedy"):
+            raise ValueError(f"train.scst_baseline: {baseline!r} is not 'mean' or 'greedy'")
+        if baseline == "mean" and samples < 2:
+            raise ValueError("train.scst_samples: the mean-of-samples baseline needs at least 2 samples")
+        self.model, self.cider, self.samples, self.baseline = model, cider, samples, baseline
+
+    def _words(self, ids: list[int]) -> list[str]:
+        end = self.model.vocab.end_id
+        ids = ids[: ids.index(end)] if end in ids else ids
+        return [self.model.vocab.words[i] for i in ids]
+
+    def __call__(self, pooled: torch.Tensor, grid: torch.Tensor, images: torch.Tensor):
+        """Returns (loss, mean sample reward); `images` are the rows' indices into the CiderD references."""
+        # Sample from the model as it will be used: without dropout (gradients flow all the same).
+        self.model.decoder.eval()
+        v = self.model.vocab
+        decoder = WithoutWords(self.model.decoder, [v.pad_id, v.start_id, v.unk_id])
+        ids = {"start_id": v.start_id, "end_id": v.end_id, "max_length": v.max_length}
+        k = self.samples
+        tokens, log_probs, mask = sample_with_log_probs(
+            decoder, pooled.repeat_interleave(k, 0), grid.repeat_interleave(k, 0), **ids
+        )
+        owners = images.repeat_interleave(k).tolist()
+        reward = torch.tensor(
+            [self.cider.score(i, self._words(row)) for i, row in zip(owners, tokens.tolist(), strict=True)]
+        ).view(-1, k)
+        if self.baseline == "mean":
+            base = (reward.sum(1, keepdim=True) - reward) / (k - 1)
+        else:
+            best = greedy(decoder, pooled, grid, **ids)  # no graph: the baseline is a constant
+            pairs = zip(images.tolist(), best, strict=True)
+            base = torch.tensor([self.cider.score(i, self._words(h.tokens)) for i, h in pairs]).view(-1, 1)
+        advantage = (reward - base).view(-1, 1).to(log_probs.device)
+        loss = -(advantage * log_probs * mask).sum() / mask.sum()
+        return loss, float(reward.mean())
