@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts benchmarks
+	$(BIN)/mypy src
 
 test: lint
 	$(BIN)/python -m pytest -q

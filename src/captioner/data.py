@@ -528,7 +528,9 @@ def _read_coco(root: Path) -> _Loaded:
             )
     entries: dict[str, _Entry] = {}
     for path in files:
-        split, year = COCO_NAME.fullmatch(path.name).groups()
+        match = COCO_NAME.fullmatch(path.name)
+        assert match is not None  # detect_format and COCO_FILES only ever pass names that match
+        split, year = match.groups()
         for file_name, captions in _coco_captions(path).items():
             candidates = [root / f"{split}{year}" / file_name, root / file_name]
             entries[f"{split}{year}/{file_name}"] = _Entry(_first_file(candidates), captions, split)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -32,6 +33,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class _Backbone(Protocol):
+    """timm's feature/head split, which every backbone here has. Typed here because mypy sees the
+    attributes of a plain nn.Module (such as Encoder.backbone) as Tensor | Module."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 class Encoder(nn.Module):
     """A CNN backbone with a uniform interface: forward(x) -> (pooled [B, D], grid [B, H*W, D])."""
 
@@ -43,7 +53,7 @@ class Encoder(nn.Module):
         self.preprocess = preprocess
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = self.backbone.forward_features(images)
+        fmap = cast(_Backbone, self.backbone).forward_features(images)
         pooled = fmap.mean(dim=(2, 3))
         grid = fmap.flatten(2).transpose(1, 2)
         return pooled, grid
@@ -51,7 +61,8 @@ class Encoder(nn.Module):
     @torch.no_grad()
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """ImageNet logits: lets a test prove the pretrained weights are the real ones."""
-        return self.backbone.forward_head(self.backbone.forward_features(images))
+        backbone = cast(_Backbone, self.backbone)
+        return backbone.forward_head(backbone.forward_features(images))
 
     def set_trainable(self, fraction: float) -> None:
         """Unfreeze the last `fraction` of the backbone's parameter tensors (0 = frozen, 1 = all)."""
@@ -119,8 +130,9 @@ def _efficientnet_lite(variant: int, size: int) -> Callable[[bool], tuple[nn.Mod
             ):
                 raise EncoderWeightsError(f"{path}: weights do not match tf_efficientnet_lite{variant}")
             model.load_state_dict(dict(zip(target.keys(), source.values(), strict=True)))
+        dim = cast(int, model.num_features)  # set by timm's EfficientNet; untyped on an nn.Module
         # TF-Lite models were trained on inputs scaled to [-1, 1].
-        return model, model.num_features, Preprocess(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+        return model, dim, Preprocess(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
     return build
 
@@ -192,14 +204,16 @@ def _timm_download(arch: str) -> Callable[[bool], tuple[nn.Module, int, Preproce
                 "They download from the "
                 f"internet on first use; without it, use an offline encoder: {', '.join(OFFLINE_ENCODERS)}"
             ) from e
-        cfg = model.pretrained_cfg
+        # Plain data that timm sets on every model it creates; untyped on an nn.Module.
+        cfg = cast(dict[str, Any], model.pretrained_cfg)
+        feature_info = cast(list[dict[str, Any]], model.feature_info)
         pre = Preprocess(
             size=cfg["input_size"][-1],
             mean=tuple(cfg["mean"]),
             std=tuple(cfg["std"]),
             interpolation=cfg.get("interpolation", "bicubic"),
         )
-        return model, model.feature_info[-1]["num_chs"], pre
+        return model, feature_info[-1]["num_chs"], pre
 
     return build
 

@@ -57,7 +57,7 @@ def decode(
     batch_size: int = 32,
     **options,
 ) -> list[str]:
-    captions = []
+    captions: list[str] = []
     with torch.inference_mode():
         for s in range(0, pooled.shape[0], batch_size):
             hyps = model.generate(pooled[s : s + batch_size], grid[s : s + batch_size], **options)

@@ -23,12 +23,14 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from captioner import __version__
+from captioner.decoders import StepDecoder
 from captioner.model import Captioner, _replace_dir
 
 ENCODER, INIT, STEP = "encoder.onnx", "decoder_init.onnx", "decoder_step.onnx"
@@ -48,7 +50,7 @@ class _Init(nn.Module):
         self.decoder, self.names = decoder, names
 
     def forward(self, pooled: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        state = self.decoder.init_state(pooled, grid)
+        state = cast(StepDecoder, self.decoder).init_state(pooled, grid)
         return tuple(state[k] for k in self.names)
 
 
@@ -60,7 +62,8 @@ class _Step(nn.Module):
         self.decoder, self.names, self.updates, self.attention = decoder, names, updates, attention
 
     def forward(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        log_probs, new, alpha = self.decoder.step(tokens, dict(zip(self.names, state, strict=True)))
+        decoder = cast(StepDecoder, self.decoder)
+        log_probs, new, alpha = decoder.step(tokens, dict(zip(self.names, state, strict=True)))
         return (log_probs, *(new[k] for k in self.updates), *((alpha,) if self.attention else ()))
 
 
@@ -99,10 +102,11 @@ def _torch_run(model: Captioner, batch: int, seed: int) -> tuple:
     make = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, size, size, generator=make)
     tokens = torch.randint(len(model.vocab), (batch,), generator=make)
+    decoder = cast(StepDecoder, model.decoder)
     with torch.no_grad():
         pooled, grid = model.encoder(images)
-        state = model.decoder.init_state(pooled, grid)
-        log_probs, new, alpha = model.decoder.step(tokens, state)
+        state = decoder.init_state(pooled, grid)
+        log_probs, new, alpha = decoder.step(tokens, state)
     return images, tokens, pooled, grid, state, log_probs, new, alpha
 
 

@@ -20,6 +20,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -76,7 +77,7 @@ class FeatureStore:
                 f"{root}: not a feature cache (no meta.json); make one with `captioner extract-features`"
             )
         meta = json.loads((root / "meta.json").read_text())
-        mode = None if in_memory else "r"
+        mode: Literal["r"] | None = None if in_memory else "r"
         return cls(
             root,
             meta,

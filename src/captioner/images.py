@@ -17,7 +17,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from PIL import Image, ImageOps
 
@@ -139,7 +139,7 @@ def _stretch_to_8bit(img: Image.Image) -> Image.Image:
     stretching shows what is actually there. A constant image keeps its value, clipped to 0..255.
     """
     grey = img.convert("F")
-    lo, hi = grey.getextrema()
+    lo, hi = cast(tuple[float, float], grey.getextrema())  # one band: (min, max)
     scale = 255.0 / (hi - lo) if hi > lo else 1.0
     offset = -lo * scale if hi > lo else 0.0
     return grey.point(lambda v: v * scale + offset + 0.5).convert("L")  # +0.5: F->L truncates

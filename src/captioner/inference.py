@@ -10,14 +10,32 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader
 
 from captioner.features import ImageFiles, as_list
-from captioner.model import Captioner
+from captioner.images import Preprocess
+from captioner.model import Caption, Captioner
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class _Encoder(Protocol):
+    """A torch `Encoder` or a `runtime.OnnxEncoder`."""
+
+    @property
+    def preprocess(self) -> Preprocess: ...
+
+
+class CaptionModel(Protocol):
+    """What `caption_files` needs of a model: a torch `Captioner` or a `runtime.OnnxCaptioner`."""
+
+    @property
+    def encoder(self) -> _Encoder: ...
+
+    def caption_tensors(self, images: torch.Tensor, **options: Any) -> list[Caption]: ...
 
 
 def find_images(paths: Sequence[str | Path]) -> list[Path]:
@@ -34,7 +52,7 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def caption_files(
-    model: Captioner, paths: Sequence[Path], *, batch_size: int = 16, num_workers: int = 1, **options
+    model: CaptionModel, paths: Sequence[Path], *, batch_size: int = 16, num_workers: int = 1, **options
 ) -> Iterator[tuple[Path, dict]]:
     """Yield (path, result) in input order; result has caption/score/captions, or error."""
     files = ImageFiles(paths, range(len(paths)), model.encoder.preprocess)
@@ -84,7 +102,7 @@ def caption_paths(
     if runtime == "onnx":
         from captioner.runtime import OnnxCaptioner
 
-        captioner = OnnxCaptioner.from_pretrained(model)
+        captioner: CaptionModel = OnnxCaptioner.from_pretrained(model)
     else:
         captioner = Captioner.from_pretrained(model)
     failed = 0

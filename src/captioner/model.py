@@ -256,7 +256,7 @@ class Captioner(nn.Module):
     ) -> Caption | list[Caption]:
         """Caption one image path (returns a Caption) or a list of them (returns a list)."""
         single = isinstance(images, str | os.PathLike)
-        paths = [images] if single else list(images)
+        paths = [images] if isinstance(images, str | os.PathLike) else list(images)  # narrows for mypy
         transform = build_transform(self.encoder.preprocess)
         batch = torch.stack([transform(load_image(p)) for p in paths])
         results = self.caption_tensors(batch, **options)

@@ -212,7 +212,9 @@ class PhotoIndex:
             }
         counts = dict.fromkeys(("added", "updated", "unchanged", "failed", "removed"), 0)
         errors: list[str] = []
-        seen, todo, outside = set(), [], []
+        seen: set[str] = set()
+        todo: list[tuple[Path, os.stat_result, bool]] = []
+        outside: list[tuple[Path, os.stat_result, bool]] = []
         for path in inference.find_images([root]):
             seen.add(str(path))
             try:

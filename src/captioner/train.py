@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import yaml
@@ -102,7 +103,7 @@ class Source:
             )
         return self.rows[key]
 
-    def pairs(self, examples: Sequence[Example], vocab: Vocabulary, train: bool) -> TorchDataset:
+    def pairs(self, examples: Sequence[Example], vocab: Vocabulary, train: bool) -> FeaturePairs | ImagePairs:
         index = [(i, vocab.encode(c)) for i, ex in enumerate(examples) for c in ex.captions]
         captions = [c for _, c in index]
         if self.store is not None:
@@ -111,7 +112,7 @@ class Source:
         transform = build_transform(pre, train=train and self.config.train.augment)
         return ImagePairs([examples[i].image for i, _ in index], captions, transform)
 
-    def images(self, examples: Sequence[Example]) -> TorchDataset:
+    def images(self, examples: Sequence[Example]) -> FeaturePairs | ImagePairs:
         """One item per image, its "caption" the image's index: what self-critical training samples from."""
         index = [[i] for i in range(len(examples))]
         if self.store is not None:
@@ -222,7 +223,8 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
         model.load_weights(start / "model.safetensors")
         print(f"starting from the weights of {start}")
     elif config.decoder.glove and not resume:
-        found = load_glove(model.decoder.embed, vocab, config.decoder.glove)
+        embed = cast(nn.Embedding, model.decoder.embed)  # every decoder keeps its word vectors in `embed`
+        found = load_glove(embed, vocab, config.decoder.glove)
         print(f"GloVe: initialised {found:,} of {len(vocab):,} word vectors from {config.decoder.glove}")
     if config.encoder.finetune > 0 and store is None:
         model.encoder.set_trainable(config.encoder.finetune)
@@ -241,7 +243,7 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
     step_module: nn.Module = TrainingStep(model, source, tc.label_smoothing, scst)
     if ddp.world > 1:
         step_module = nn.parallel.DistributedDataParallel(step_module)
-    groups = [{"params": [p for p in model.decoder.parameters()], "lr": tc.lr}]
+    groups: list[dict[str, Any]] = [{"params": [p for p in model.decoder.parameters()], "lr": tc.lr}]
     if model.encoder_finetuned:
         groups.append(
             {"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": config.encoder.lr}
@@ -253,7 +255,13 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
         scorer = CaptionScorer({str(i): list(ex.captions) for i, ex in enumerate(val_examples)})
         val_features = source.features(val_examples) if store is not None else None
 
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_cider": -1.0, "bad_epochs": 0}
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "step_in_epoch": 0,
+        "global_step": 0,
+        "best_cider": -1.0,
+        "bad_epochs": 0,
+    }
     if resume and (last / STATE_FILE).exists():
         state = _load_state(last, model, optimizer, scheduler)
         if ddp.main:
@@ -397,7 +405,7 @@ def epoch_batches(
     """
     order = torch.randperm(len(captions), generator=rng).tolist()
     chunk = batch_size * bucket
-    batches = []
+    batches: list[list[int]] = []
     for start in range(0, len(order), chunk):
         part = sorted(order[start : start + chunk], key=lambda i: len(captions[i]))
         batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))

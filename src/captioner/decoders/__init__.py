@@ -15,10 +15,23 @@ names in `static_state` (per-image tensors that no step changes, such as the enc
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
+import torch
 from torch import nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+class StepDecoder(Protocol):
+    """`init_state` and `step` as above. Typed here because mypy sees the attributes of a plain nn.Module
+    (such as Captioner.decoder) as Tensor | Module."""
+
+    def init_state(self, pooled: torch.Tensor, grid: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+    def step(
+        self, tokens: torch.Tensor, state: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]: ...
 
 
 def register(name: str):
