@@ -1,5 +1,6 @@
 """Photo index and search: incremental indexing with the tiny model, ranking on captions we choose."""
 
+import copy
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from captioner import inference
 from captioner.cli import main
@@ -180,7 +182,7 @@ def test_search_command_formats(stored, capsys):
     assert main(["search", "a dog", "--db", str(stored), "--format", "jsonl"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(records) == 5 and [r["rank"] for r in records] == [1, 2, 3, 4, 5]
-    assert set(records[0]) == {"rank", "path", "caption", "score", "semantic", "keyword"}
+    assert set(records[0]) == {"rank", "path", "caption", "score", "semantic", "keyword", "likelihood"}
     assert Path(records[0]["path"]).stem == "dog" and records[0]["keyword"] > 0
 
 
@@ -213,3 +215,27 @@ def test_database_layout(stored):
         "SELECT count(*) FROM captions_fts WHERE captions_fts MATCH 'kowalski'"
     ).fetchone() == (1,)
     conn.close()
+
+
+def test_the_captioner_reranks_by_the_likelihood_of_the_query(captioner, tiny_data, tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(tiny_data / "images", folder)
+    with PhotoIndex(tmp_path / "photos.sqlite", create=True) as index:
+        index.update(folder, captioner, progress=False)
+        assert index.has_features()
+        assert all(h.likelihood is None for h in index.search("a blue square", 5))  # not attached yet
+        assert index.attach(captioner)
+        query = "a blue square on a white background"
+        hits = index._rank(query, 40, semantic=0.0, keyword=0.0, likelihood=1.0)
+        assert len(hits) == len(index) == 32
+        values = [h.likelihood for h in hits]
+        assert all(v is not None and v < 0 for v in values) and values == sorted(values, reverse=True)
+        assert {Path(h.path).stem.rsplit("_", 1)[0] for h in hits[:4]} == {"blue_square"}, values[:6]
+        fused = index.search(query, 3)
+        assert Path(fused[0].path).stem.startswith("blue_square") and fused[0].likelihood is not None
+
+        other = copy.deepcopy(captioner)
+        with torch.no_grad():
+            other.decoder.fc.bias.add_(0.1)  # another model: its features or likelihoods would not fit
+        assert not index.attach(other)
+        assert all(h.likelihood is None for h in index.search(query, 3))

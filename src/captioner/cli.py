@@ -118,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("query")
     q.add_argument("--db", default="photos.sqlite")
     q.add_argument("--top", type=int, default=5)
+    q.add_argument("--model", default=None, help="the model that made the index (default: the bundled one)")
     q.add_argument("--format", choices=["text", "jsonl"], default="text")
     q.set_defaults(run=_search)
 

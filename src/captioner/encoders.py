@@ -48,14 +48,17 @@ class Encoder(nn.Module):
     def __init__(self, name: str, backbone: nn.Module, feature_dim: int, preprocess: Preprocess):
         super().__init__()
         self.name = name
-        self.backbone = backbone  # has forward_features (-> [B, D, H, W]) and forward_head (-> logits)
+        # channels_last: the depthwise convolutions of these mobile backbones run ~1.8x faster at batch 32
+        # on the CPU in this layout (benchmarks/run.py); the outputs are the same up to float rounding.
+        self.backbone = backbone.to(memory_format=torch.channels_last)  # forward_features, forward_head
         self.feature_dim = feature_dim
         self.preprocess = preprocess
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = cast(_Backbone, self.backbone).forward_features(images)
+        images = images.contiguous(memory_format=torch.channels_last)
+        fmap = cast(_Backbone, self.backbone).forward_features(images)  # [B, D, H, W]
         pooled = fmap.mean(dim=(2, 3))
-        grid = fmap.flatten(2).transpose(1, 2)
+        grid = fmap.permute(0, 2, 3, 1).reshape(fmap.shape[0], -1, fmap.shape[1])  # [B, H*W, D]
         return pooled, grid
 
     @torch.no_grad()

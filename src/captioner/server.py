@@ -339,6 +339,8 @@ def serve_command(args: argparse.Namespace) -> int:
         from captioner.search import PhotoIndex
 
         index = PhotoIndex(args.db)  # a missing file is an error, not a new empty index
+        if not index.attach(captioner):
+            print(f"captioner: note: {args.db} was indexed by another model; search uses its captions only")
     app = create_app(
         captioner,
         index=index,

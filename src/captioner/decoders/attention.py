@@ -24,7 +24,7 @@ class Attention(nn.Module):
         """grid [B, L, D], grid_att = feature_att(grid) [B, L, A] (computed once per image), h [B, H]."""
         e = self.score(torch.tanh(grid_att + self.hidden_att(h).unsqueeze(1))).squeeze(2)  # [B, L]
         alpha = e.softmax(dim=1)
-        return (grid * alpha.unsqueeze(2)).sum(dim=1), alpha
+        return torch.bmm(alpha.unsqueeze(1), grid).squeeze(1), alpha  # the weighted sum of the grid cells
 
 
 @register("attention")
