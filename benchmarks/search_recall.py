@@ -1,10 +1,10 @@
 """Recall of `captioner search`: how often a photo's own reference captions, used as queries, find it.
 
-    python benchmarks/search_recall.py --images ../shared/coco-mini/train2017 \\
-        --annotations ../shared/coco-mini/annotations/captions_train2017.json \\
-        --model MODEL --db /tmp/coco.sqlite
+    python benchmarks/search_recall.py --data ../shared/coco-mini --split train --db /tmp/coco.sqlite
+    python benchmarks/search_recall.py --data ../shared/flickr8k --split val --limit 200 --db /tmp/dev.sqlite
 
-Indexes the photos (incrementally: a re-run with the same model reuses the database), then searches with
+Copies the split's photos (the first --limit) into a folder beside the database, indexes them (incrementally:
+a re-run with the same model reuses the database), then searches with
 every reference caption of every photo and prints recall@1 and recall@5 (the fraction of queries whose photo
 comes first / in the top 5) for the fused ranking, other weights and each signal alone, as a Markdown table,
 and the share of photos found in the top 5 when searched with their first reference caption. Keyword alone
@@ -14,10 +14,9 @@ ranks only the photos that match a word, so its recall counts a photo that match
 from __future__ import annotations
 
 import argparse
-import json
+import shutil
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 from captioner.search import KEYWORD_WEIGHT, LIKELIHOOD_WEIGHT, PhotoIndex
@@ -26,9 +25,9 @@ KW, LL = KEYWORD_WEIGHT, LIKELIHOOD_WEIGHT
 RANKINGS = {  # name -> the weights PhotoIndex._rank gives the three signals (0 = off)
     "default: all three fused (weighted reciprocal rank fusion)": {"keyword": KW, "likelihood": LL},
     "captions only: semantic + keyword": {"keyword": KW, "likelihood": 0.0},
-    "semantic + keyword + likelihood x0.5": {"keyword": KW, "likelihood": 0.5},
+    "semantic + keyword + likelihood x1": {"keyword": KW, "likelihood": 1.0},
     "semantic + keyword + likelihood x2": {"keyword": KW, "likelihood": 2.0},
-    "semantic + keyword, equal weights": {"keyword": 1.0, "likelihood": 0.0},
+    "semantic + keyword + likelihood x4": {"keyword": KW, "likelihood": 4.0},
     "semantic only": {"keyword": 0.0, "likelihood": 0.0},
     "keyword only (FTS5 bm25)": {"semantic": 0.0, "keyword": 1.0, "likelihood": 0.0},
     "likelihood only, P(query | photo)": {"semantic": 0.0, "keyword": 0.0, "likelihood": 1.0},
@@ -37,22 +36,28 @@ RANKINGS = {  # name -> the weights PhotoIndex._rank gives the three signals (0 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", required=True, help="folder of the photos")
-    p.add_argument("--annotations", required=True, help="COCO captions JSON (images, annotations)")
+    p.add_argument("--data", required=True, help="a data set any reader understands (captioner data inspect)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--limit", type=int, default=None, help="only the first N photos of the split")
+    p.add_argument("--queries", type=int, default=None, help="only each photo's first N captions as queries")
     p.add_argument("--model", default=None, help="checkpoint directory or bundled model name")
     p.add_argument("--db", required=True, help="the photo index to build or update")
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--n-best", type=int, default=3)
     args = p.parse_args(argv)
 
+    from captioner.data import load_dataset
     from captioner.model import Captioner
 
-    coco = json.loads(Path(args.annotations).read_text())
-    images = Path(args.images).resolve()
-    files = {image["id"]: str(images / image["file_name"]) for image in coco["images"]}
-    references = defaultdict(list)
-    for annotation in coco["annotations"]:
-        references[files[annotation["image_id"]]].append(annotation["caption"].strip())
+    examples = load_dataset(args.data).split(args.split)[: args.limit]
+    images = Path(f"{args.db}.photos").resolve()
+    images.mkdir(parents=True, exist_ok=True)
+    references: dict[str, list[str]] = {}
+    for number, example in enumerate(examples):
+        copy = images / f"{number:05d}{example.image.suffix.lower()}"
+        if not copy.exists():
+            shutil.copyfile(example.image, copy)
+        references[str(copy)] = list(example.captions)
 
     start = time.perf_counter()
     captioner = Captioner.from_pretrained(args.model)
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         found = {name: [0, 0, 0] for name in RANKINGS}  # [first, in the top 5, photo's first query in top 5]
         queries = 0
         for path, captions in references.items():
-            for number, caption in enumerate(captions):
+            for number, caption in enumerate(captions[: args.queries]):
                 queries += 1
                 for name, signals in RANKINGS.items():
                     ranked = [hit.path for hit in index._rank(caption, 5, **signals)]
@@ -75,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     searched = time.perf_counter() - start - indexed
 
     print(
-        f"{queries} queries (reference captions) over {photos} photos, {args.model}; "
+        f"{queries} queries (reference captions) over {photos} photos of {args.data} ({args.split}), "
+        f"model {args.model or 'bundled'}; "
         f"indexing {indexed:.0f} s ({counts['added'] + counts['updated']} captioned, "
         f"{counts['failed']} failed), "
         f"searching {searched:.0f} s\n"

@@ -5,6 +5,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from captioner.cli import main
 
 FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "images"
@@ -93,6 +95,18 @@ def test_evaluate_from_features_matches_images(tiny_model, tiny_data, tiny_featu
     assert [r["beam_size"] for r in a] == [1, 3]
     # the cache holds float16 features; the captions they give are the same
     assert [c["caption"] for c in a[1]["captions"]] == [c["caption"] for c in b[0]["captions"]]
+    assert a[0]["resize"] == "squash"  # the model's own
+
+
+def test_evaluate_can_crop_instead_of_squashing(tiny_model, tiny_data, tiny_features):
+    from captioner.evaluate import evaluate_model
+
+    [report] = evaluate_model(tiny_data, split="test", model=str(tiny_model), resize="crop", quiet=True)
+    assert report["resize"] == "crop" and report["scores"]["CIDEr"] >= 0
+    with pytest.raises(ValueError, match="features of"):  # the cache was made by squashing
+        evaluate_model(
+            tiny_data, split="test", model=str(tiny_model), features=str(tiny_features), resize="crop"
+        )
 
 
 def test_data_inspect(tiny_data, capsys):

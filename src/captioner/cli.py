@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
         "--output", default=None, help="JSON file for the scores and every caption (default: eval-SPLIT.json)"
     )
     v.add_argument("--skip-missing", action="store_true")
+    v.add_argument(
+        "--resize", choices=["squash", "crop"], default=None, help="override how photos are made square"
+    )
     v.set_defaults(run=_evaluate)
 
     i = sub.add_parser("index", help="caption every photo under a folder into a searchable SQLite database")
@@ -255,6 +258,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         limit=args.limit,
         features=args.features,
+        resize=args.resize,
         output=Path(args.output or f"eval-{args.split}.json"),
         skip_missing=args.skip_missing,
     )

@@ -8,6 +8,7 @@ the 0-100 scale of the papers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -78,12 +79,18 @@ def evaluate_model(
     features: str | None = None,
     output: Path | None = None,
     skip_missing: bool = False,
+    resize: str | None = None,
     quiet: bool = False,
 ) -> list[dict]:
-    """Score `model` on a split at each beam size; returns one report per beam size."""
+    """Score `model` on a split at each beam size; returns one report per beam size.
+
+    `resize` ("squash" or "crop") overrides how the model's preprocessing makes photos square, to measure
+    what the choice costs on photos of other shapes than the training ones."""
     data = load_dataset(root, skip_missing=skip_missing)
     examples = data.split(split)[:limit]
     captioner = Captioner.from_pretrained(model)
+    if resize is not None:
+        captioner.encoder.preprocess = dataclasses.replace(captioner.encoder.preprocess, resize=resize)
     keys = [image_key(ex.image, data.root) for ex in examples]
     start = time.perf_counter()
     if features:
@@ -136,6 +143,7 @@ def evaluate_model(
                 "images": len(examples),
                 "failed": len(errors),
                 "beam_size": beam_size,
+                "resize": captioner.encoder.preprocess.resize,
                 "length_penalty": captioner.generation.get("length_penalty", 0.0)
                 if length_penalty is None
                 else length_penalty,
