@@ -19,18 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-from captioner.search import KEYWORD_WEIGHT, LIKELIHOOD_WEIGHT, PhotoIndex
+from captioner.search import RERANK, PhotoIndex
 
-KW, LL = KEYWORD_WEIGHT, LIKELIHOOD_WEIGHT
-RANKINGS = {  # name -> the weights PhotoIndex._rank gives the three signals (0 = off)
-    "default: all three fused (weighted reciprocal rank fusion)": {"keyword": KW, "likelihood": LL},
-    "captions only: semantic + keyword": {"keyword": KW, "likelihood": 0.0},
-    "semantic + keyword + likelihood x1": {"keyword": KW, "likelihood": 1.0},
-    "semantic + keyword + likelihood x2": {"keyword": KW, "likelihood": 2.0},
-    "semantic + keyword + likelihood x4": {"keyword": KW, "likelihood": 4.0},
-    "semantic only": {"keyword": 0.0, "likelihood": 0.0},
-    "keyword only (FTS5 bm25)": {"semantic": 0.0, "keyword": 1.0, "likelihood": 0.0},
-    "likelihood only, P(query | photo)": {"semantic": 0.0, "keyword": 0.0, "likelihood": 1.0},
+RANKINGS = {  # name -> options of PhotoIndex._rank
+    f"default: captions pick {RERANK}, the captioner orders them by P(query | photo)": {},
+    "captions only: semantic + keyword (reciprocal rank fusion)": {"rerank": False},
+    "semantic only": {"keyword": 0.0, "rerank": False},
+    "keyword only (FTS5 bm25)": {"semantic": 0.0, "keyword": 1.0, "rerank": False},
 }
 
 

@@ -226,13 +226,14 @@ def test_the_captioner_reranks_by_the_likelihood_of_the_query(captioner, tiny_da
         assert all(h.likelihood is None for h in index.search("a blue square", 5))  # not attached yet
         assert index.attach(captioner)
         query = "a blue square on a white background"
-        hits = index._rank(query, 40, semantic=0.0, keyword=0.0, likelihood=1.0)
+        hits = index.search(query, 40)  # every photo is a candidate here (fewer than RERANK)
         assert len(hits) == len(index) == 32
         values = [h.likelihood for h in hits]
         assert all(v is not None and v < 0 for v in values) and values == sorted(values, reverse=True)
+        assert [h.score for h in hits] == pytest.approx(np.exp(values).tolist())
         assert {Path(h.path).stem.rsplit("_", 1)[0] for h in hits[:4]} == {"blue_square"}, values[:6]
-        fused = index.search(query, 3)
-        assert Path(fused[0].path).stem.startswith("blue_square") and fused[0].likelihood is not None
+        captions_only = index._rank(query, 40, rerank=False)
+        assert all(h.likelihood is None for h in captions_only) and len(captions_only) == 32
 
         other = copy.deepcopy(captioner)
         with torch.no_grad():
