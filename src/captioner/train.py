@@ -559,13 +559,16 @@ class MetricsLog:
 
         with open(self.path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
-        train = [(int(r["step"]), float(r["loss"])) for r in rows if r["kind"] == "train" and r["loss"]]
+        # Self-critical runs log the samples' mean reward: their loss (advantage-weighted) says little.
+        column = "reward" if any(r.get("reward") for r in rows) else "loss"
+        label = "training reward (CIDEr-D of samples)" if column == "reward" else "training loss"
+        train = [(int(r["step"]), float(r[column])) for r in rows if r["kind"] == "train" and r[column]]
         val = [(int(r["step"]), float(r["CIDEr"])) for r in rows if r["kind"] == "val" and r["CIDEr"]]
         fig, ax = plt.subplots(figsize=(7, 4))
         if train:
-            ax.plot(*zip(*train, strict=True), color="tab:blue", label="training loss")
+            ax.plot(*zip(*train, strict=True), color="tab:blue", label=label)
         ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy loss")
+        ax.set_ylabel(label if column == "reward" else "cross-entropy loss")
         if val:
             ax2 = ax.twinx()
             ax2.plot(*zip(*val, strict=True), "o-", color="tab:orange", label="validation CIDEr")
