@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from captioner.search import RERANK, PhotoIndex
+from captioner.search import RERANK, SEARCH_MODEL, PhotoIndex
 
 RANKINGS = {  # name -> options of PhotoIndex._rank
     f"default: captions pick {RERANK}, the captioner orders them by P(query | photo)": {},
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         references[str(copy)] = list(example.captions)
 
     start = time.perf_counter()
-    captioner = Captioner.from_pretrained(args.model)
+    captioner = Captioner.from_pretrained(args.model or SEARCH_MODEL)
     with PhotoIndex(args.db, create=True) as index:
         counts = index.update(images, captioner, beam_size=args.beam_size, n_best=args.n_best)
         indexed = time.perf_counter() - start
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"{queries} queries (reference captions) over {photos} photos of {args.data} ({args.split}), "
-        f"model {args.model or 'bundled'}; "
+        f"model {args.model or SEARCH_MODEL}; "
         f"indexing {indexed:.0f} s ({counts['added'] + counts['updated']} captioned, "
         f"{counts['failed']} failed), "
         f"searching {searched:.0f} s\n"

@@ -13,7 +13,7 @@ import torch
 
 from captioner import inference
 from captioner.cli import main
-from captioner.search import SCHEMA_VERSION, PhotoIndex, _fuse
+from captioner.search import SCHEMA_VERSION, PhotoIndex, _fuse, attach_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "images"
 CAPTIONS = {  # photo -> its n-best captions, best first
@@ -217,11 +217,11 @@ def test_database_layout(stored):
     conn.close()
 
 
-def test_the_captioner_reranks_by_the_likelihood_of_the_query(captioner, tiny_data, tmp_path):
+def test_the_captioner_reranks_by_the_likelihood_of_the_query(captioner, tiny_model, tiny_data, tmp_path):
     folder = tmp_path / "photos"
     shutil.copytree(tiny_data / "images", folder)
     with PhotoIndex(tmp_path / "photos.sqlite", create=True) as index:
-        index.update(folder, captioner, progress=False)
+        index.update(folder, captioner, progress=False, model_name=str(tiny_model))
         assert index.has_features()
         assert all(h.likelihood is None for h in index.search("a blue square", 5))  # not attached yet
         assert index.attach(captioner)
@@ -240,3 +240,7 @@ def test_the_captioner_reranks_by_the_likelihood_of_the_query(captioner, tiny_da
             other.decoder.fc.bias.add_(0.1)  # another model: its features or likelihoods would not fit
         assert not index.attach(other)
         assert all(h.likelihood is None for h in index.search(query, 3))
+
+    with PhotoIndex(tmp_path / "photos.sqlite") as index:  # the index finds its own model by name
+        assert index.model_name() == str(tiny_model)
+        assert attach_model(index, loaded=other) and index.search(query, 1)[0].likelihood is not None

@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("index", help="caption every photo under a folder into a searchable SQLite database")
     i.add_argument("folder")
     i.add_argument("--db", default="photos.sqlite")
-    i.add_argument("--model", default=None)
+    i.add_argument("--model", default=None, help="default: flickr8k-xe, the better model for search")
     i.add_argument("--beam-size", type=int, default=3)
     i.add_argument("--n-best", type=int, default=3)
     i.add_argument("--batch-size", type=int, default=16)
@@ -121,7 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("query")
     q.add_argument("--db", default="photos.sqlite")
     q.add_argument("--top", type=int, default=5)
-    q.add_argument("--model", default=None, help="the model that made the index (default: the bundled one)")
+    q.add_argument(
+        "--model", default=None, help="the model that made the index (default: the one it records)"
+    )
     q.add_argument("--format", choices=["text", "jsonl"], default="text")
     q.set_defaults(run=_search)
 

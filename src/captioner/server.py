@@ -336,11 +336,13 @@ def serve_command(args: argparse.Namespace) -> int:
     captioner = Captioner.from_pretrained(args.model)
     index = None
     if args.db:
-        from captioner.search import PhotoIndex
+        from captioner.search import PhotoIndex, attach_model
 
         index = PhotoIndex(args.db)  # a missing file is an error, not a new empty index
-        if not index.attach(captioner):
-            print(f"captioner: note: {args.db} was indexed by another model; search uses its captions only")
+        if not attach_model(index, loaded=captioner):
+            print(
+                f"captioner: note: cannot load the model that made {args.db}; search uses its captions only"
+            )
     app = create_app(
         captioner,
         index=index,
