@@ -278,10 +278,16 @@ def main() -> None:
             report["memory_mib"]["train_20_steps"] = run_command(
                 [*exe, "train", "--config", str(config), *overrides]
             )[1]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(render(report, started))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # The hand-written reading of the numbers (from "## What the numbers say" on) survives a re-run.
+    notes = out.read_text().partition(NOTES)[1:] if out.exists() else ("", "")
+    out.write_text(render(report, started) + ("\n" + "".join(notes) if notes[0] else ""))
     Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     print(render(report, started))
+
+
+NOTES = "## What the numbers say"
 
 
 def render(r: dict, started: str) -> str:
