@@ -117,9 +117,7 @@ class SelfCritical:
         self.model, self.cider, self.samples, self.baseline = model, cider, samples, baseline
 
     def _words(self, ids: list[int]) -> list[str]:
-        end = self.model.vocab.end_id
-        ids = ids[: ids.index(end)] if end in ids else ids
-        return [self.model.vocab.words[i] for i in ids]
+        return self.model.vocab.decode(ids).split()  # up to <end>
 
     def __call__(self, pooled: torch.Tensor, grid: torch.Tensor, images: torch.Tensor):
         """Returns (loss, mean sample reward); `images` are the rows' indices into the CiderD references."""

@@ -104,22 +104,23 @@ class Source:
         return self.rows[key]
 
     def pairs(self, examples: Sequence[Example], vocab: Vocabulary, train: bool) -> FeaturePairs | ImagePairs:
-        index = [(i, vocab.encode(c)) for i, ex in enumerate(examples) for c in ex.captions]
-        captions = [c for _, c in index]
-        if self.store is not None:
-            return FeaturePairs(self.store, [self.row(examples[i]) for i, _ in index], captions)
-        pre = self.model.encoder.preprocess
-        transform = build_transform(pre, train=train and self.config.train.augment)
-        return ImagePairs([examples[i].image for i, _ in index], captions, transform)
+        """Every (image, caption) pair of `examples`: what cross-entropy training reads."""
+        index = [(ex, vocab.encode(c)) for ex in examples for c in ex.captions]
+        augment = train and self.config.train.augment
+        return self._dataset([ex for ex, _ in index], [c for _, c in index], augment)
 
     def images(self, examples: Sequence[Example]) -> FeaturePairs | ImagePairs:
         """One item per image, its "caption" the image's index: what self-critical training samples from."""
-        index = [[i] for i in range(len(examples))]
+        return self._dataset(examples, [[i] for i in range(len(examples))], self.config.train.augment)
+
+    def _dataset(
+        self, examples: Sequence[Example], captions: Sequence[list[int]], augment: bool
+    ) -> FeaturePairs | ImagePairs:
+        """Item i: example i's features from the cache (or its image) with captions[i]."""
         if self.store is not None:
-            return FeaturePairs(self.store, [self.row(ex) for ex in examples], index)
-        pre = self.model.encoder.preprocess
-        transform = build_transform(pre, train=self.config.train.augment)
-        return ImagePairs([ex.image for ex in examples], index, transform)
+            return FeaturePairs(self.store, [self.row(ex) for ex in examples], captions)
+        transform = build_transform(self.model.encoder.preprocess, train=augment)
+        return ImagePairs([ex.image for ex in examples], captions, transform)
 
     def encode(self, first: torch.Tensor, grid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if grid is not None:
@@ -184,7 +185,7 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
     data = load_dataset(config.data.root, skip_missing=config.data.skip_missing)
     train_examples = data.split(config.data.train_split)
     val_examples = data.split(config.data.val_split)[: config.data.val_images or None]
-    start = _start_checkpoint(config) if tc.init_from else None
+    start, saved = _start_checkpoint(config) if tc.init_from else (None, {})
     if resume and (last / "vocab.json").exists():
         vocab = Vocabulary.load(last / "vocab.json")
     elif start is not None:
@@ -217,7 +218,6 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
     )
     model = Captioner.build(encoder, config.decoder.options(), vocab)
     if start is not None and not resume:
-        saved = json.loads((start / "config.json").read_text())
         model.encoder_finetuned = bool(saved["encoder"]["finetuned"])
         model.generation = dict(saved.get("generation", {}))
         model.load_weights(start / "model.safetensors")
@@ -380,9 +380,9 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
     return best
 
 
-def _start_checkpoint(config: Config) -> Path:
-    """The checkpoint `train.init_from` names; its decoder settings replace the config's (they must match
-    its weights), and its encoder must be the configured one."""
+def _start_checkpoint(config: Config) -> tuple[Path, dict]:
+    """The checkpoint `train.init_from` names, and its config.json; its decoder settings replace the
+    config's (they must match its weights), and its encoder must be the configured one."""
     path = resolve_model(config.train.init_from)
     saved = json.loads((path / "config.json").read_text())
     if saved["encoder"]["name"] != config.encoder.name:
@@ -391,7 +391,7 @@ def _start_checkpoint(config: Config) -> Path:
             f"but encoder.name is {config.encoder.name}"
         )
     config.decoder = dataclasses.replace(config.decoder, **saved["decoder"])
-    return path
+    return path, saved
 
 
 def epoch_batches(
