@@ -1,0 +1,28 @@
+"""The bundled models caption the example photos exactly as recorded (tests/expected/bundled_captions.json).
+
+The file was written by the release that trained them; any change to loading, preprocessing or decoding
+that alters a caption, or moves a score by more than float rounding, fails here.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from captioner import Captioner
+
+ROOT = Path(__file__).parents[1]
+EXPECTED = json.loads((ROOT / "tests" / "expected" / "bundled_captions.json").read_text())
+EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
+OPTIONS = {"beam1": {"beam_size": 1}, "beam3": {"beam_size": 3, "n_best": 3}}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_bundled_model_captions_as_recorded(name):
+    model = Captioner.from_pretrained(name)
+    for key, options in OPTIONS.items():
+        results = model.caption(EXAMPLES, **options)
+        for path, result in zip(EXAMPLES, results, strict=True):
+            want = EXPECTED[name][key][path.name]
+            assert [text for text, _ in result.captions] == [text for text, _ in want], (name, key, path)
+            assert [s for _, s in result.captions] == pytest.approx([s for _, s in want], abs=2e-3)
