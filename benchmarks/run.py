@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from captioner.decoding import beam_search
+from captioner.generation import GenerationOptions
 from captioner.images import build_transform, load_image
 from captioner.inference import caption_files
 from captioner.model import Captioner, resolve_model
@@ -82,7 +83,7 @@ def throughput(model: Captioner, paths: list[Path], repeat: int) -> list[dict]:
         for beam in (1, 3):
 
             def end_to_end(batch=batch, beam=beam):
-                for _ in caption_files(model, paths, batch_size=batch, beam_size=beam):
+                for _ in caption_files(model, paths, GenerationOptions(beam_size=beam), batch_size=batch):
                     pass
 
             e2e = len(paths) / timed(end_to_end, repeat)
@@ -211,8 +212,7 @@ def run_command(args: list[str]) -> tuple[float, float]:
 
 def onnx_vs_torch(model: Captioner, paths: list[Path], repeat: int) -> dict | None:
     try:
-        from captioner.export import export_onnx
-        from captioner.runtime import OnnxCaptioner
+        from captioner.onnx import OnnxCaptioner, export_onnx
     except ImportError:
         return None
     with tempfile.TemporaryDirectory() as tmp:
@@ -220,7 +220,10 @@ def onnx_vs_torch(model: Captioner, paths: list[Path], repeat: int) -> dict | No
         captions = {}
 
         def run(m, key):
-            captions[key] = [r.get("caption") for _, r in caption_files(m, paths, batch_size=32, beam_size=3)]
+            captions[key] = [
+                r.get("caption")
+                for _, r in caption_files(m, paths, GenerationOptions(beam_size=3), batch_size=32)
+            ]
 
         t_torch = timed(lambda: run(model, "torch"), repeat)
         t_onnx = timed(lambda: run(onnx, "onnx"), repeat)

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from captioner.generation import GenerationOptions
 from captioner.search import RERANK, SEARCH_MODEL, PhotoIndex
 
 RANKINGS = {  # name -> options of PhotoIndex._rank
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     captioner = Captioner.from_pretrained(args.model or SEARCH_MODEL)
     with PhotoIndex(args.db, create=True) as index:
-        counts = index.update(images, captioner, beam_size=args.beam_size, n_best=args.n_best)
+        options = GenerationOptions(beam_size=args.beam_size, n_best=args.n_best)
+        counts = index.update(images, captioner, options)
         indexed = time.perf_counter() - start
         if not index.attach(captioner):
             raise SystemExit(f"{args.db}: indexed by another model; pass a new --db")

@@ -110,7 +110,7 @@ def tiny_config(tiny_data: Path, features: Path | None, out: Path, decoder: str 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_data, tiny_features, tmp_path_factory) -> Path:
     """A checkpoint trained for a few epochs on the tiny data set."""
-    from captioner.train import train
+    from captioner.training import train
 
     out = tmp_path_factory.mktemp("run")
     return train(tiny_config(tiny_data, tiny_features, out, epochs=6), progress=False)

@@ -3,14 +3,15 @@
 from pathlib import Path
 
 from captioner import Captioner
+from captioner.generation import GenerationOptions
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.jpg"))
 
 
 def test_bundled_model_captions_the_examples_differently():
     model = Captioner.from_pretrained()
-    assert model.encoder.name == "efficientnet_lite2" and model.decoder_config["name"] == "attention"
-    assert model.generation == {"length_penalty": 2.0, "no_repeat_ngram": 3}
+    assert model.encoder.name == "efficientnet_lite2" and model.decoder_config.name == "attention"
+    assert model.generation == GenerationOptions(length_penalty=2.0, no_repeat_ngram=3)
     results = model.caption(EXAMPLES)
     captions = [r.caption for r in results]
     assert len(EXAMPLES) >= 5 and all(len(c.split()) >= 4 for c in captions), captions

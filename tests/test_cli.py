@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from captioner.cli import main
+from captioner.errors import FeatureCacheError
 
 FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "images"
 
@@ -103,7 +104,7 @@ def test_evaluate_can_crop_instead_of_squashing(tiny_model, tiny_data, tiny_feat
 
     [report] = evaluate_model(tiny_data, split="test", model=str(tiny_model), resize="crop", quiet=True)
     assert report["resize"] == "crop" and report["scores"]["CIDEr"] >= 0
-    with pytest.raises(ValueError, match="features of"):  # the cache was made by squashing
+    with pytest.raises(FeatureCacheError, match="features of"):  # the cache was made by squashing
         evaluate_model(
             tiny_data, split="test", model=str(tiny_model), features=str(tiny_features), resize="crop"
         )

@@ -11,8 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from captioner import data
-from captioner.data import DataError, Dataset, Example, detect_format, format_summary, load_dataset
+from captioner.data import (
+    DataError,
+    Dataset,
+    Example,
+    default_split_file,
+    detect_format,
+    format_summary,
+    load_dataset,
+    save_split,
+)
+from captioner.vocab import percentile
 
 try:
     from PIL import Image
@@ -139,19 +148,24 @@ def kaggle(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_kaggle_seeded_split_saved_and_reused(kaggle: Path) -> None:
+def test_kaggle_seeded_split_made_in_memory_and_saved_on_request(kaggle: Path) -> None:
+    before = sorted(p.name for p in kaggle.iterdir())
     ds = load_dataset(kaggle, seed=3)
-    assert ds.format == "flickr8k-kaggle" and ds.split_source == "saved seeded split (captioner_split.json)"
+    assert ds.format == "flickr8k-kaggle" and ds.split_source.startswith("seeded split (seed 3")
+    assert sorted(p.name for p in kaggle.iterdir()) == before  # loading writes nothing into the data folder
     assert [len(ds.split(s)) for s in ("train", "val", "test")] == [10, 1, 1]
-    saved = json.loads((kaggle / "captioner_split.json").read_text())
+    a = next(e for e in ds.examples if e.image.name == "a.jpg")
+    assert a.captions == ("A dog, a cat, and a ball .", "Two animals .")
+    # saved explicitly (as `captioner data split` does), the file is read back, even with another seed
+    saved_to = save_split(ds, default_split_file(ds.root))
+    assert saved_to == kaggle / "captioner_split.json"
+    saved = json.loads(saved_to.read_text())
     assert saved["seed"] == 3 and {n for s in ("train", "val", "test") for n in saved[s]} == {
         e.image.name for e in ds.examples
     }
-    a = next(e for e in ds.examples if e.image.name == "a.jpg")
-    assert a.captions == ("A dog, a cat, and a ball .", "Two animals .")
-    # a second load reuses the file, even with another seed
     again = load_dataset(kaggle, seed=99)
     assert splits(again) == splits(ds) and any("seed 3" in note for note in again.notes)
+    assert again.split_source == f"saved split ({saved_to})"
 
 
 def test_seeded_split_is_deterministic(tmp_path: Path) -> None:
@@ -163,26 +177,27 @@ def test_seeded_split_is_deterministic(tmp_path: Path) -> None:
     assert [len(x) for x in splits(load_dataset(first)).values()] == [16, 2, 2]
 
 
-def test_saved_split_with_new_and_removed_images(kaggle: Path) -> None:
-    load_dataset(kaggle)
+def test_saved_split_with_new_and_removed_images(kaggle: Path, tmp_path: Path) -> None:
+    first = load_dataset(kaggle)
+    split_file = save_split(first, tmp_path / "run-split.json")  # e.g. a training run's OUT/split.json
     images(kaggle / "Images", "new.jpg")
     text = (kaggle / "captions.txt").read_text().replace("b.jpg,A bird .\n", "") + "new.jpg,A new photo .\n"
     write(kaggle / "captions.txt", text)
-    ds = load_dataset(kaggle)
+    ds = load_dataset(kaggle, split_file=split_file)
     assert "b.jpg" not in {e.image.name for e in ds.examples}
-    assert "new.jpg" in splits(ds)["train"] and any(
-        "1 image(s) not in captioner_split.json" in n for n in ds.notes
-    )
+    assert "new.jpg" in splits(ds)["train"] and any("1 image(s) not in run-split.json" in n for n in ds.notes)
+    kept = {s: names - {"new.jpg"} for s, names in splits(ds).items()}
+    assert kept == {s: names - {"b.jpg"} for s, names in splits(first).items()}  # the test set stays
 
 
-def test_split_not_saved_when_root_not_writable(kaggle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_read_only_data_folder_loads(kaggle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise PermissionError("read-only")
 
     monkeypatch.setattr(Path, "write_text", refuse)
+    monkeypatch.setattr(Path, "write_bytes", refuse)
     ds = load_dataset(kaggle)
-    assert "not saved" in ds.split_source and not (kaggle / "captioner_split.json").exists()
-    assert len(ds.examples) == 12
+    assert ds.split_source.startswith("seeded split") and len(ds.examples) == 12
 
 
 def test_kaggle_uses_official_split_files(kaggle: Path) -> None:
@@ -235,7 +250,7 @@ def test_flickr30k_recovers_run_together_row(flickr30k: Path) -> None:
         next(e for e in ds.examples if e.image.name == "1.jpg").captions[0] == "A man rides a bike , fast ."
     )
     assert any("recovered 1 row" in note for note in ds.notes)
-    assert ds.split_source.startswith("saved seeded split")
+    assert ds.split_source.startswith("seeded split")
 
 
 @pytest.mark.parametrize(
@@ -344,7 +359,8 @@ def test_generic_csv_file_root_resolves_images_folder(tmp_path: Path) -> None:
     ds = load_dataset(path)
     assert ds.format == "csv" and ds.examples[0].image == tmp_path / "images" / "0.jpg"
     assert [len(x) for x in splits(ds).values()] == [3, 1, 1]
-    assert (tmp_path / "mine.captioner_split.json").is_file()
+    assert default_split_file(path) == tmp_path / "mine.captioner_split.json"
+    assert not default_split_file(path).exists()
 
 
 @pytest.mark.parametrize(
@@ -425,7 +441,8 @@ def test_summary_and_format_summary(tmp_path: Path) -> None:
     ]
     text = format_summary(summary)
     assert "images          1,234" in text and "captions        2,467" in text and "(e.g. gone.jpg)" in text
-    assert data._percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 95) == 10 and data._percentile([4, 9], 50) == 4
+    assert percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 95) == 10 and percentile([4, 9], 50) == 4
+    assert percentile([], 50) == 0
 
 
 def test_no_torch_import() -> None:

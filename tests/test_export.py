@@ -17,10 +17,13 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from captioner.decoders.merge import Merge  # noqa: E402
-from captioner.export import ExportError, export_onnx  # noqa: E402
 from captioner.images import build_transform, load_image  # noqa: E402
 from captioner.model import Captioner, CheckpointError  # noqa: E402
-from captioner.runtime import OnnxCaptioner  # noqa: E402
+from captioner.onnx import (  # noqa: E402
+    ExportError,
+    OnnxCaptioner,  # noqa: E402
+    export_onnx,
+)
 from captioner.vocab import Vocabulary  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "images"

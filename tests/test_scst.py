@@ -5,8 +5,8 @@ import csv
 import pytest
 from pycocoevalcap.cider.cider import Cider
 
-from captioner.scst import CiderD
-from captioner.train import train
+from captioner.training import train
+from captioner.training.scst import CiderD
 from conftest import tiny_config
 
 REFS = [

@@ -13,7 +13,8 @@ import torch
 
 from captioner import inference
 from captioner.cli import main
-from captioner.search import SCHEMA_VERSION, PhotoIndex, _fuse, attach_model
+from captioner.generation import GenerationOptions
+from captioner.search import SCHEMA_VERSION, PhotoIndex, attach_model, fuse
 
 FIXTURES = Path(__file__).parent / "fixtures" / "images"
 CAPTIONS = {  # photo -> its n-best captions, best first
@@ -58,13 +59,14 @@ def test_update_captions_only_new_or_changed_photos(captioner, tiny_data, tmp_pa
     captioned = []
     real = inference.caption_files
     monkeypatch.setattr(
-        inference, "caption_files", lambda m, paths, **o: captioned.extend(paths) or real(m, paths, **o)
+        inference, "caption_files", lambda m, paths, *a, **o: captioned.extend(paths) or real(m, paths, *a, **o)
     )
     index = PhotoIndex(tmp_path / "photos.sqlite", create=True)
 
     def update() -> dict:
         captioned.clear()
-        counts = index.update(folder, captioner, beam_size=3, n_best=3, batch_size=64, progress=False)
+        options = GenerationOptions(beam_size=3, n_best=3)
+        counts = index.update(folder, captioner, options, batch_size=64, progress=False)
         return {k: v for k, v in counts.items() if v and k != "errors"}
 
     assert update() == {"added": 32} and len(captioned) == 32 and len(index) == 32
@@ -123,10 +125,10 @@ def test_index_command_records_failures(tiny_model, tiny_data, tmp_path, capsys)
 
 def test_fusion_lets_a_keyword_match_overtake():
     similarity = np.array([0.9, 0.8, 0.1])
-    score, keyword = _fuse(similarity, [None, 1, None])
+    score, keyword = fuse(similarity, [None, 1, None])
     assert list(np.argsort(-score)) == [1, 0, 2]  # second by meaning, but the only keyword match
     assert keyword[0] == keyword[2] == 0 and keyword[1] > 0
-    top, _ = _fuse(np.array([0.5, 0.1]), [1, None])
+    top, _ = fuse(np.array([0.5, 0.1]), [1, None])
     assert top[0] == pytest.approx(1.0)  # first in both rankings
 
 

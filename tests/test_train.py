@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from captioner.generation import GenerationOptions
 from captioner.model import Captioner, CheckpointError
-from captioner.train import train
+from captioner.training import train
 from conftest import tiny_config
 
 
@@ -121,10 +122,10 @@ def test_checkpoint_round_trip_gives_the_same_captions(tiny_model, tiny_data, tm
 def test_generation_defaults_travel_with_the_model(tiny_model, tiny_data, tmp_path):
     image = next((tiny_data / "images").glob("blue_*.jpg"))
     model = Captioner.from_pretrained(tiny_model)
-    model.generation = {"length_penalty": 3.0}
+    model.generation = GenerationOptions(length_penalty=3.0)
     model.save_pretrained(tmp_path / "lp")
     loaded = Captioner.from_pretrained(tmp_path / "lp")
-    assert loaded.generation == {"length_penalty": 3.0}
+    assert loaded.generation == GenerationOptions(length_penalty=3.0)
     by_default = loaded.caption(image, beam_size=3)
     assert by_default.score == loaded.caption(image, beam_size=3, length_penalty=3.0).score
     assert by_default.score != loaded.caption(image, beam_size=3, length_penalty=0.0).score
@@ -146,7 +147,7 @@ def test_tiny_model_learned_to_describe_shapes(tiny_model, tiny_data):
 
 
 def test_glove_vectors_initialise_the_embeddings(tiny_data, tiny_features, tmp_path):
-    from captioner.train import load_glove
+    from captioner.training import load_glove
     from captioner.vocab import Vocabulary
 
     glove = tmp_path / "glove.txt"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    from captioner.errors import CaptionerError
+
+    if args.traceback or os.environ.get("CAPTIONER_DEBUG", "") not in ("", "0"):
+        return int(args.run(args) or 0)  # every error with its traceback
     try:
         return int(args.run(args) or 0)
     except BrokenPipeError:  # e.g. `captioner caption dir/ | head`
@@ -24,21 +29,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (CaptionerError, OSError) as e:
+        # Our errors name the file or setting and what is wrong; OSErrors (a missing file, a full disk, a
+        # permission) are the machine's. Either way the user can act on one line; a traceback would bury it.
+        print(f"captioner: error: {e}", file=sys.stderr)
+        return 1
     except ImportError as e:  # an optional part of the package whose dependencies are not installed
         print(
             f"captioner: error: {e} (a dependency of this command is missing: `make install`)",
             file=sys.stderr,
         )
         return 1
-    except (ValueError, RuntimeError, KeyError, OSError) as e:
-        # Our errors (DataError, ImageError, CheckpointError, ...) carry the file and what is wrong.
-        print(f"captioner: error: {e}", file=sys.stderr)
-        return 1
+    # Anything else is a bug in captioner: Python prints its traceback, which is what a report needs.
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="captioner", description="Image captioning: caption, train, evaluate.")
     p.add_argument("--version", action="version", version=f"captioner {__version__}")
+    p.add_argument(
+        "--traceback",
+        action="store_true",
+        help="show the full traceback of any error (also: CAPTIONER_DEBUG=1)",
+    )
     sub = p.add_subparsers(title="commands", metavar="COMMAND")
 
     c = sub.add_parser("caption", help="caption images (files or folders)")
@@ -49,12 +61,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--length-penalty", type=float, default=None, help="default: the model's own")
     c.add_argument("--no-repeat-ngram", type=int, default=None, help="block repeated n-grams (beam search)")
     c.add_argument("--temperature", type=float, default=None, help="sample instead of searching")
-    c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
+    c.add_argument(
+        "--top-p", type=float, default=None, help="nucleus sampling threshold (with --temperature)"
+    )
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--format", choices=["text", "jsonl"], default="text")
     c.add_argument(
         "--runtime", choices=["torch", "onnx"], default="torch", help="onnx: a `captioner export` dir"
     )
+    c.add_argument("--device", default="auto", help="torch runtime: auto (the GPU if any), cpu, cuda, cuda:N")
     c.set_defaults(run=_caption)
 
     x = sub.add_parser("export", help="export a model for another runtime")
@@ -70,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     di.add_argument("--skip-missing", action="store_true", help="skip images listed but missing on disk")
     di.add_argument("--json", action="store_true", help="print the summary as JSON")
     di.set_defaults(run=_data_inspect)
+    ds = dsub.add_parser("split", help="save a data set's splits to a file, so they stay as they are")
+    ds.add_argument("root")
+    ds.add_argument("--out", default=None, help="default: captioner_split.json beside the data")
+    ds.add_argument("--seed", type=int, default=0, help="of the seeded split, for layouts without one")
+    ds.add_argument("--skip-missing", action="store_true")
+    ds.set_defaults(run=_data_split)
 
     e = sub.add_parser("extract-features", help="cache encoder features of a data set's images")
     e.add_argument("root", help="data set directory")
@@ -104,8 +125,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--skip-missing", action="store_true")
     v.add_argument(
+        "--split-file", default=None, help="splits saved by training (OUT/split.json) or `data split`"
+    )
+    v.add_argument(
         "--resize", choices=["squash", "crop"], default=None, help="override how photos are made square"
     )
+    v.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda or cuda:N")
     v.set_defaults(run=_evaluate)
 
     i = sub.add_parser("index", help="caption every photo under a folder into a searchable SQLite database")
@@ -115,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--beam-size", type=int, default=3)
     i.add_argument("--n-best", type=int, default=3)
     i.add_argument("--batch-size", type=int, default=16)
+    i.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda or cuda:N")
     i.set_defaults(run=_index)
 
     q = sub.add_parser("search", help="find indexed photos by describing them in a sentence")
@@ -135,13 +161,14 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--max-upload-mb", type=float, default=20.0)
     w.add_argument("--max-batch", type=int, default=16, help="most requests captioned in one pass")
     w.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for others")
+    w.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda or cuda:N")
     w.set_defaults(run=_serve)
     return p
 
 
 def _export(args: argparse.Namespace) -> int:
-    from captioner.export import export_onnx
     from captioner.model import Captioner
+    from captioner.onnx import export_onnx
 
     out = export_onnx(Captioner.from_pretrained(args.model), args.out)
     print(f"exported {args.format} model to {out}")
@@ -174,8 +201,17 @@ def _data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_split(args: argparse.Namespace) -> int:
+    from captioner.data import default_split_file, load_dataset, save_split
+
+    data = load_dataset(args.root, skip_missing=args.skip_missing, seed=args.seed)
+    out = save_split(data, args.out or default_split_file(data.root))
+    counts = ", ".join(f"{len(data.split(s)):,} {s}" for s in ("train", "val", "test"))
+    print(f"{out}: {counts} ({data.split_source})")
+    return 0
+
+
 def _extract(args: argparse.Namespace) -> int:
-    import dataclasses
     import time
 
     from captioner import distributed
@@ -185,9 +221,7 @@ def _extract(args: argparse.Namespace) -> int:
 
     ddp = distributed.setup()  # under torchrun each process encodes its own share of the images
     data = load_dataset(args.root, skip_missing=args.skip_missing)
-    encoder = create_encoder(args.encoder)
-    if args.resize:
-        encoder.preprocess = dataclasses.replace(encoder.preprocess, resize=args.resize)
+    encoder = create_encoder(args.encoder, resize=args.resize)
     paths = [ex.image for ex in data.examples]
     keys = [image_key(p, data.root) for p in paths]
     if ddp.main:
@@ -222,7 +256,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from captioner.config import load_config
-    from captioner.train import train
+    from captioner.training import train
 
     config = load_config(args.config, args.overrides)
     train(config, resume=args.resume)
@@ -230,39 +264,46 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _caption(args: argparse.Namespace) -> int:
+    from captioner.generation import GenerationOptions
     from captioner.inference import caption_paths
 
-    return caption_paths(
-        args.paths,
-        model=args.model,
+    options = GenerationOptions(
         beam_size=args.beam_size,
         n_best=args.n_best,
         length_penalty=args.length_penalty,
         no_repeat_ngram=args.no_repeat_ngram,
         temperature=args.temperature,
         top_p=args.top_p,
+    )
+    return caption_paths(
+        args.paths,
+        model=args.model,
+        options=options,
         batch_size=args.batch_size,
         fmt=args.format,
         runtime=args.runtime,
+        device=args.device,
     )
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from captioner.evaluate import evaluate_model
+    from captioner.generation import GenerationOptions
 
     evaluate_model(
         args.root,
         split=args.split,
         model=args.model,
         beam_sizes=args.beam_size,
-        length_penalty=args.length_penalty,
-        no_repeat_ngram=args.no_repeat_ngram,
+        options=GenerationOptions(length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram),
         batch_size=args.batch_size,
         limit=args.limit,
         features=args.features,
         resize=args.resize,
         output=Path(args.output or f"eval-{args.split}.json"),
         skip_missing=args.skip_missing,
+        split_file=args.split_file,
+        device=args.device,
     )
     return 0
 

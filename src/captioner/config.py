@@ -11,11 +11,14 @@ from typing import Any
 
 import yaml
 
+from captioner.errors import ConfigError
+
 
 @dataclass
 class DataConfig:
     root: str = "../shared/flickr8k"  # data set directory (any layout `captioner data inspect` reads)
     features: str | None = None  # feature cache of the encoder; None trains on images
+    split_file: str | None = None  # a split saved by `captioner data split` (default: the layout's own)
     train_split: str = "train"
     val_split: str = "val"
     val_images: int = 0  # validate on the first N images of val_split (0 = all)
@@ -52,6 +55,7 @@ class DecoderConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/default"
+    device: str = "auto"  # "auto" (the GPU when there is one), "cpu", "cuda" or "cuda:N"
     epochs: int = 20
     max_steps: int = 0  # stop after this many optimiser steps in all (0 = no limit)
     batch_size: int = 64
@@ -91,13 +95,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Config from a YAML file (missing keys keep their defaults), then `section.key=value` overrides."""
     raw: dict = {}
     if path is not None:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a config is a mapping of sections (data, encoder, decoder, train)")
+            raise ConfigError(f"{path}: a config is a mapping of sections (data, encoder, decoder, train)")
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
-            raise ValueError(f"override {item!r}: expected section.key=value, e.g. train.epochs=5")
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.epochs=5")
         section, name = key.split(".", 1)
         raw.setdefault(section, {})[name] = yaml.safe_load(value)
     return from_dict(raw, source=str(path or "overrides"))
@@ -107,18 +114,18 @@ def from_dict(raw: dict, source: str = "config") -> Config:
     config = Config()
     for section, values in raw.items():
         if section not in {f.name for f in dataclasses.fields(Config)}:
-            raise ValueError(f"{source}: unknown section {section!r}")
+            raise ConfigError(f"{source}: unknown section {section!r}")
         target = getattr(config, section)
         hints = typing.get_type_hints(type(target))
         for name, value in (values or {}).items():
             if name not in hints:
                 known = ", ".join(f.name for f in dataclasses.fields(target))
-                raise ValueError(f"{source}: unknown key {section}.{name} (known: {known})")
-            setattr(target, name, _coerce(value, hints[name], f"{source}: {section}.{name}"))
+                raise ConfigError(f"{source}: unknown key {section}.{name} (known: {known})")
+            setattr(target, name, coerce(value, hints[name], f"{source}: {section}.{name}"))
     return config
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
+def coerce(value: Any, hint: Any, where: str) -> Any:
     """Check a YAML value against the field's type; ints are accepted where floats are expected."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None and type(None) in options:
@@ -136,4 +143,4 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if kind in (int, str) and isinstance(value, kind) and not isinstance(value, bool):
             return value
     names = " or ".join(getattr(k, "__name__", str(k)) for k in options)
-    raise ValueError(f"{where}: expected {names}, got {value!r}")
+    raise ConfigError(f"{where}: expected {names}, got {value!r}")

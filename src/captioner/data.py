@@ -12,13 +12,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import random
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from captioner.errors import ConfigError, DataError
+from captioner.vocab import percentile
 
 SPLITS = ("train", "val", "test")
 SPLIT_FILE = "captioner_split.json"
@@ -66,10 +68,6 @@ LAYOUTS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-class DataError(ValueError):
-    """Bad or unrecognised data. The message names the file (and line) so the user can go and fix it."""
-
-
 def _error(path: Path | str, message: str, line: int | None = None) -> DataError:
     where = f"{path}, line {line}" if line is not None else str(path)
     return DataError(f"{where}: {message}")
@@ -95,6 +93,8 @@ class Dataset:
     split_source: str
     unassigned: list[Example] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    seed: int = 0  # of a seeded split
+    names: dict[Path, str] = field(default_factory=dict, repr=False)  # image -> its name in the annotations
 
     def split(self, name: str) -> list[Example]:
         """The examples of one split; "dev" means "val" as in the Flickr8k file names."""
@@ -127,20 +127,13 @@ class Dataset:
             "missing": len(self.missing),
             "missing_examples": [_display(path, base) for path in self.missing[:5]],
             "caption_length_words": {
-                "p5": _percentile(lengths, 5),
-                "p50": _percentile(lengths, 50),
-                "p95": _percentile(lengths, 95),
+                "p5": percentile(lengths, 5),
+                "p50": percentile(lengths, 50),
+                "p95": percentile(lengths, 95),
                 "max": lengths[-1] if lengths else 0,
             },
             "notes": list(self.notes),
         }
-
-
-def _percentile(values: list[int], p: float) -> int:
-    """Nearest-rank percentile of sorted values (no numpy needed)."""
-    if not values:
-        return 0
-    return values[max(math.ceil(p / 100 * len(values)), 1) - 1]
 
 
 def _display(path: Path, base: Path) -> str:
@@ -226,19 +219,29 @@ def load_dataset(
     seed: int = 0,
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
+    split_file: str | Path | None = None,
 ) -> Dataset:
-    """Read a data set folder or annotation file, check its images exist, and assign splits."""
+    """Read a data set folder or annotation file, check its images exist, and assign splits.
+
+    The splits are `split_file`'s when given (see `save_split`), else the layout's own, else a
+    `captioner_split.json` beside the data (`captioner data split` writes one), else a seeded split made
+    in memory: the same for the same images and seed. Nothing is written into the data folder."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"bad split fractions: val {val_fraction}, test {test_fraction}")
+        raise ConfigError(f"bad split fractions: val {val_fraction}, test {test_fraction}")
     root = Path(root).expanduser().resolve()
     fmt = detect_format(root)
     loaded = READERS[fmt](root)
     if fmt == "flickr8k":
         _drop_bogus_flickr8k_key(loaded)
     missing = _check_missing(loaded, skip_missing)
-    if not loaded.split_source:
-        split_file = root / SPLIT_FILE if root.is_dir() else root.with_name(f"{root.stem}.{SPLIT_FILE}")
-        loaded.split_source = _seeded_split(loaded, split_file, seed, val_fraction, test_fraction)
+    if split_file is not None:
+        loaded.split_source = _saved_split(loaded, Path(split_file), seed)
+    elif not loaded.split_source:
+        beside = default_split_file(root)
+        if beside.is_file():
+            loaded.split_source = _saved_split(loaded, beside, seed)
+        else:
+            loaded.split_source = _seeded_split(loaded, seed, val_fraction, test_fraction)
     everything = [
         Example(entry.path, tuple(entry.captions), entry.split or "") for entry in loaded.entries.values()
     ]
@@ -250,7 +253,27 @@ def load_dataset(
         split_source=loaded.split_source,
         unassigned=[example for example in everything if not example.split],
         notes=loaded.notes,
+        seed=seed,
+        names={entry.path: name for name, entry in loaded.entries.items()},
     )
+
+
+def default_split_file(root: Path) -> Path:
+    """Where `captioner data split` saves a split by default, and where `load_dataset` looks for one."""
+    return root / SPLIT_FILE if root.is_dir() else root.with_name(f"{root.stem}.{SPLIT_FILE}")
+
+
+def save_split(dataset: Dataset, path: str | Path) -> Path:
+    """Write which images each split holds, by annotation name, for `load_dataset(split_file=...)`:
+    the images may change later (new photos), but a test set saved here stays the same."""
+    path = Path(path)
+    saved: dict[str, Any] = {"seed": dataset.seed, "source": dataset.split_source}
+    for name in SPLITS:
+        saved[name] = sorted(dataset.names[example.image] for example in dataset.split(name))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 def _drop_bogus_flickr8k_key(loaded: _Loaded) -> None:
@@ -281,31 +304,25 @@ def _check_missing(loaded: _Loaded, skip_missing: bool) -> list[Path]:
 # Seeded splits, for layouts that come without one
 
 
-def _seeded_split(
-    loaded: _Loaded, split_file: Path, seed: int, val_fraction: float, test_fraction: float
-) -> str:
-    """Reuse the split saved beside the data, or make one and save it, so reruns see the same test set."""
-    source = f"saved seeded split ({split_file.name})"
-    if split_file.is_file():
-        assignment, saved_seed = _read_split_file(split_file)
-        new = [name for name in loaded.entries if name not in assignment]
-        if new:
-            loaded.notes.append(f"{len(new):,} image(s) not in {split_file.name} assigned to train")
-        if saved_seed != seed:
-            loaded.notes.append(f"{split_file.name} was made with seed {saved_seed}; delete it to re-split")
-    else:
-        assignment = _make_split(sorted(loaded.entries), seed, val_fraction, test_fraction)
-        saved = {
-            "seed": seed,
-            **{name: sorted(n for n, s in assignment.items() if s == name) for name in SPLITS},
-        }
-        try:
-            split_file.write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8")
-        except OSError:
-            source = f"seeded split (seed {seed}; not saved: {split_file.parent} is not writable)"
+def _saved_split(loaded: _Loaded, split_file: Path, seed: int) -> str:
+    """Assign the splits a saved split file lists; images it does not list go to train."""
+    assignment, saved_seed = _read_split_file(split_file)
+    new = [name for name in loaded.entries if name not in assignment]
+    if new:
+        loaded.notes.append(f"{len(new):,} image(s) not in {split_file.name} assigned to train")
+    if saved_seed != seed:
+        loaded.notes.append(f"{split_file.name} was made with seed {saved_seed}")
     for name, entry in loaded.entries.items():
         entry.split = assignment.get(name, "train")
-    return source
+    return f"saved split ({split_file})"
+
+
+def _seeded_split(loaded: _Loaded, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """A split made from the seed and the sorted image names: the same on every run over the same images."""
+    assignment = _make_split(sorted(loaded.entries), seed, val_fraction, test_fraction)
+    for name, entry in loaded.entries.items():
+        entry.split = assignment[name]
+    return f"seeded split (seed {seed}; save it with `captioner data split`)"
 
 
 def _make_split(names: list[str], seed: int, val_fraction: float, test_fraction: float) -> dict[str, str]:

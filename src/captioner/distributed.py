@@ -3,12 +3,12 @@
     torchrun --nproc_per_node=4 -m captioner train --config configs/flickr8k_attention.yaml
 
 torchrun sets RANK / WORLD_SIZE / MASTER_ADDR for every process; without them everything here is a
-no-op and training runs as one process. Backend: NCCL when CUDA is there, gloo on CPUs.
+no-op and training runs as one process. Backend: NCCL when CUDA is there (process i on GPU LOCAL_RANK),
+gloo on CPUs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 
@@ -21,6 +21,7 @@ from torch import nn
 class Dist:
     rank: int = 0
     world: int = 1
+    local_rank: int = 0  # this process's GPU on its machine
 
     @property
     def main(self) -> bool:
@@ -32,11 +33,34 @@ def setup() -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)  # before NCCL starts: each process talks to its own GPU
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return Dist(dist.get_rank(), dist.get_world_size())
+    return Dist(dist.get_rank(), dist.get_world_size(), local)
+
+
+def device(setting: str | torch.device, d: Dist | None = None) -> torch.device:
+    """The device a process works on: "auto" is this process's GPU when there is one, else the CPU;
+    "cuda" under torchrun means cuda:LOCAL_RANK, one GPU per process."""
+    d = d or Dist()
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        chosen = torch.device(setting)
+    except RuntimeError:
+        from captioner.errors import ConfigError
+
+        raise ConfigError(f"device {setting!r}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            from captioner.errors import ConfigError
+
+            raise ConfigError(f"device {setting!r}: this machine has no CUDA GPU that torch can use")
+        if chosen.index is None:
+            chosen = torch.device("cuda", d.local_rank if d.world > 1 else torch.cuda.current_device())
+    return chosen
 
 
 def barrier(d: Dist) -> None:
@@ -48,18 +72,18 @@ def broadcast(values: list[float], d: Dist) -> list[float]:
     """Rank 0's values, on every rank (e.g. the validation score that drives the schedule and stopping)."""
     if d.world == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    # NCCL reduces only GPU tensors; gloo only CPU ones.
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=on)
     dist.broadcast(t, src=0)
     return t.tolist()
 
 
 def checksums(module: nn.Module, d: Dist) -> list[str]:
     """A digest of `module`'s weights from every rank: equal digests mean the replicas agree exactly."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    mine = h.hexdigest()
+    from captioner.checkpoint import weights_digest
+
+    mine = weights_digest(module)
     if d.world == 1:
         return [mine]
     gathered: list[str | None] = [None] * d.world

@@ -13,6 +13,7 @@ timm when the machine has the internet, and fail with a clear message when it ha
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,12 +22,8 @@ from typing import Any, Protocol, cast
 import torch
 from torch import nn
 
+from captioner.errors import EncoderWeightsError, UnknownNameError
 from captioner.images import Preprocess
-
-
-class EncoderWeightsError(RuntimeError):
-    """Pretrained weights for an encoder could not be found or downloaded."""
-
 
 OFFLINE_ENCODERS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -100,15 +97,21 @@ def list_encoders() -> list[str]:
 
 def encoder_info(name: str) -> EncoderInfo:
     if name not in _REGISTRY:
-        raise KeyError(f"unknown encoder {name!r}; choose one of: {', '.join(list_encoders())}")
+        raise UnknownNameError(f"unknown encoder {name!r}; choose one of: {', '.join(list_encoders())}")
     return _REGISTRY[name]
 
 
-def create_encoder(name: str, *, pretrained: bool = True, preprocess: Preprocess | None = None) -> Encoder:
-    """Build encoder `name`; `preprocess` overrides its default image preprocessing (e.g. resize mode)."""
+def create_encoder(
+    name: str, *, pretrained: bool = True, preprocess: Preprocess | None = None, resize: str | None = None
+) -> Encoder:
+    """Build encoder `name`; `preprocess` replaces its default image preprocessing, `resize` ("squash" or
+    "crop") only how images are made square."""
     info = encoder_info(name)
     backbone, dim, default_pre = info.build(pretrained)
-    return Encoder(name, backbone.eval(), dim, preprocess or default_pre)
+    pre = preprocess or default_pre
+    if resize is not None:
+        pre = dataclasses.replace(pre, resize=resize)
+    return Encoder(name, backbone.eval(), dim, pre)
 
 
 # --- offline EfficientNet-Lite: TF weights converted to PyTorch, mapped onto timm's tf_efficientnet_lite* ---

@@ -16,10 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from captioner.data import load_dataset
-from captioner.features import FeatureStore, ImageFiles, as_list, image_key
+from captioner.errors import DataError
+from captioner.features import FeatureStore, image_key
+from captioner.generation import GenerationOptions
+from captioner.images import load_batches
 from captioner.metrics import CaptionScorer, format_scores
 from captioner.model import Captioner, resolve_model
 
@@ -28,22 +30,15 @@ def encode_images(
     model: Captioner, paths: Sequence[Path], batch_size: int = 32
 ) -> tuple[list[int], torch.Tensor, torch.Tensor, dict[int, str]]:
     """Encoder features of the readable images: (their indices, pooled, grid, {index: error})."""
-    loader = DataLoader(
-        ImageFiles(paths, range(len(paths)), model.encoder.preprocess),
-        batch_size=batch_size,
-        num_workers=1 if len(paths) > batch_size else 0,
-        collate_fn=as_list,
-    )
     ok: list[int] = []
     pooled, grid, errors = [], [], {}
     model.eval()
     with torch.inference_mode():
-        for batch in loader:
-            errors.update({i: x for i, x in batch if isinstance(x, str)})
-            good = [(i, x) for i, x in batch if isinstance(x, torch.Tensor)]
-            if good:
-                p, g = model.encoder(torch.stack([x for _, x in good]))
-                ok.extend(i for i, _ in good)
+        for batch in load_batches(paths, model.encoder.preprocess, batch_size=batch_size):
+            errors.update(batch.errors)
+            if batch.images is not None:
+                p, g = model.encoder(batch.images.to(model.device))
+                ok.extend(batch.good)
                 pooled.append(p)
                 grid.append(g)
     if not ok:
@@ -55,14 +50,14 @@ def decode(
     model: Captioner,
     pooled: torch.Tensor,
     grid: torch.Tensor,
+    options: GenerationOptions,
     batch_size: int = 32,
-    **options,
 ) -> list[str]:
     captions: list[str] = []
     with torch.inference_mode():
         for s in range(0, pooled.shape[0], batch_size):
-            hyps = model.generate(pooled[s : s + batch_size], grid[s : s + batch_size], **options)
-            captions.extend(model.vocab.decode(h[0].tokens) for h in hyps)
+            chunk = pooled[s : s + batch_size].to(model.device), grid[s : s + batch_size].to(model.device)
+            captions.extend(model.vocab.decode(h[0].tokens) for h in model.generate(*chunk, options))
     return captions
 
 
@@ -72,8 +67,7 @@ def evaluate_model(
     split: str = "test",
     model: str | None = None,
     beam_sizes: Sequence[int] = (3,),
-    length_penalty: float | None = None,
-    no_repeat_ngram: int | None = None,
+    options: GenerationOptions | None = None,
     batch_size: int = 32,
     limit: int | None = None,
     features: str | None = None,
@@ -81,25 +75,24 @@ def evaluate_model(
     skip_missing: bool = False,
     resize: str | None = None,
     quiet: bool = False,
+    split_file: str | Path | None = None,
+    device: str = "cpu",
 ) -> list[dict]:
-    """Score `model` on a split at each beam size; returns one report per beam size.
+    """Score `model` on a split at each beam size (other decoding `options` as given, else the model's);
+    returns one report per beam size.
 
     `resize` ("squash" or "crop") overrides how the model's preprocessing makes photos square, to measure
     what the choice costs on photos of other shapes than the training ones."""
-    data = load_dataset(root, skip_missing=skip_missing)
+    data = load_dataset(root, skip_missing=skip_missing, split_file=split_file)
     examples = data.split(split)[:limit]
-    captioner = Captioner.from_pretrained(model)
-    if resize is not None:
-        captioner.encoder.preprocess = dataclasses.replace(captioner.encoder.preprocess, resize=resize)
+    captioner = Captioner.from_pretrained(model, device=device, resize=resize)
+    base = (options or GenerationOptions()).over(captioner.generation)
+    runs = [dataclasses.replace(base, beam_size=b, n_best=None) for b in beam_sizes]  # validates each
     keys = [image_key(ex.image, data.root) for ex in examples]
     start = time.perf_counter()
     if features:
         store = FeatureStore.open(features)
-        if store.encoder != captioner.encoder.name or store.preprocess != captioner.encoder.preprocess:
-            raise ValueError(
-                f"{features}: features of {store.encoder} {store.preprocess}, but the model uses "
-                f"{captioner.encoder.name} {captioner.encoder.preprocess}"
-            )
+        store.check_fits(captioner.encoder.name, captioner.encoder.preprocess)
         rows = store.row_of()
         ok = [i for i, k in enumerate(keys) if k in rows]
         errors = {
@@ -119,21 +112,14 @@ def evaluate_model(
         print(f"{split} split of {data.root}: {len(ok):,} images ({len(errors)} failed)")
         print(f"model {resolve_model(model)}")
     reports = []
-    for beam_size in beam_sizes:
+    for run in runs:
+        beam_size = run.value("beam_size")
         start = time.perf_counter()
-        captions = decode(
-            captioner,
-            pooled,
-            grid,
-            batch_size,
-            beam_size=beam_size,
-            length_penalty=length_penalty,
-            no_repeat_ngram=no_repeat_ngram,
-        )
+        captions = decode(captioner, pooled, grid, run, batch_size)
         generated = {keys[i]: c for i, c in zip(ok, captions, strict=True)}
         decode_seconds = time.perf_counter() - start
         if scorer is None:
-            raise ValueError(f"no image of the {split} split could be read")
+            raise DataError(f"no image of the {split} split could be read")
         scores = scorer.score({k: c or "<unk>" for k, c in generated.items()}, spice=True)
         reports.append(
             {
@@ -144,9 +130,7 @@ def evaluate_model(
                 "failed": len(errors),
                 "beam_size": beam_size,
                 "resize": captioner.encoder.preprocess.resize,
-                "length_penalty": captioner.generation.get("length_penalty", 0.0)
-                if length_penalty is None
-                else length_penalty,
+                "length_penalty": run.value("length_penalty"),
                 "encode_seconds": round(encode_seconds, 1),
                 "decode_seconds": round(decode_seconds, 1),
                 "scores": scores,

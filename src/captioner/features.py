@@ -24,39 +24,12 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from torch.utils.data import Dataset as TorchDataset
 
 from captioner.encoders import Encoder
-from captioner.images import ImageError, Preprocess, build_transform, load_image
+from captioner.errors import FeatureCacheError
+from captioner.images import Preprocess, load_batches
 
 PENDING, DONE, FAILED = 0, 1, 2
-
-
-class FeatureCacheError(RuntimeError):
-    pass
-
-
-class ImageFiles(TorchDataset):
-    """(row, tensor) for each image; a bad image yields (row, error message) instead of failing the batch."""
-
-    def __init__(self, paths: Sequence[Path], rows: Sequence[int], pre: Preprocess):
-        self.paths, self.rows, self.transform = paths, rows, build_transform(pre)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | str]:
-        row = self.rows[i]
-        try:
-            return row, self.transform(load_image(self.paths[row]))
-        except ImageError as e:
-            return row, str(e)
-
-
-def as_list(items: list[tuple[int, torch.Tensor | str]]) -> list[tuple[int, torch.Tensor | str]]:
-    """DataLoader collate that keeps a batch as a list, so good images and errors can be told apart."""
-    return items
 
 
 @dataclass
@@ -93,6 +66,11 @@ class FeatureStore:
     @property
     def preprocess(self) -> Preprocess:
         return Preprocess.from_dict(self.meta["preprocess"])
+
+    def check_fits(self, encoder: str, preprocess: Preprocess) -> None:
+        """Refuse features that are not what `encoder` with `preprocess` computes: the one rule for
+        training, evaluation and extraction alike."""
+        check_fits(self.root, self.meta, encoder, preprocess)
 
     def row_of(self) -> dict[str, int]:
         """Image key -> row, for images whose features were computed."""
@@ -139,12 +117,6 @@ def extract_features(
     grid = np.load(out / "grid.npy", mmap_mode="r+")
     done = np.load(out / "done.npy", mmap_mode="r+")
     todo = [r for r in range(len(keys)) if done[r] == PENDING and r % world_size == rank]
-    loader = DataLoader(
-        ImageFiles(paths, todo, encoder.preprocess),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=as_list,
-    )
     errors = []
     encoder.eval()
     bar = tqdm(total=len(todo), unit="img", desc=f"encoding with {encoder.name}", disable=not progress)
@@ -152,24 +124,26 @@ def extract_features(
         torch.inference_mode(),
         open(out / ("errors.jsonl" if world_size == 1 else f"errors.rank{rank}.jsonl"), "a") as err_file,
     ):
-        for batch in loader:
-            good = [(r, x) for r, x in batch if isinstance(x, torch.Tensor)]
-            for r, message in ((r, x) for r, x in batch if isinstance(x, str)):
+        batches = load_batches(
+            paths, encoder.preprocess, rows=todo, batch_size=batch_size, num_workers=num_workers
+        )
+        for batch in batches:
+            for r, message in batch.errors.items():
                 errors.append(message)
                 err_file.write(json.dumps({"key": keys[r], "error": message}) + "\n")
                 done[r] = FAILED
-            if good:
-                rows = [r for r, _ in good]
-                p, g = encoder(torch.stack([x for _, x in good]))
+            if batch.images is not None:
+                rows = batch.good
+                p, g = encoder(batch.images)
                 # The arrays are shared file mappings: what is written here is in the page cache at once
                 # and survives the process being killed, so no per-batch msync (which scans the whole
                 # multi-GB mapping, and once cost more time than the encoder) is needed. Rows are marked
                 # done only after their features are written.
-                pooled[rows] = p.numpy().astype(np.float16)
-                grid[rows] = g.numpy().astype(np.float16)
+                pooled[rows] = p.cpu().numpy().astype(np.float16)
+                grid[rows] = g.cpu().numpy().astype(np.float16)
                 done[rows] = DONE
             err_file.flush()
-            bar.update(len(batch))
+            bar.update(len(batch.rows))
     for array in (pooled, grid, done):
         array.flush()
     bar.close()
@@ -182,17 +156,19 @@ def extract_features(
     }
 
 
+def check_fits(where: Path, meta: dict, encoder: str, preprocess: Preprocess) -> None:
+    have = (meta["encoder"], Preprocess.from_dict(meta["preprocess"]))
+    if have != (encoder, preprocess):
+        raise FeatureCacheError(
+            f"{where}: this cache holds features of {have[0]} ({have[1]}), not of {encoder} ({preprocess}); "
+            "refusing to mix them: extract this encoder's features into another directory"
+        )
+
+
 def open_cache(out: Path, keys: Sequence[str], encoder: Encoder, create: bool) -> dict:
-    wanted = {"encoder": encoder.name, "preprocess": encoder.preprocess.to_dict()}
     if (out / "meta.json").exists():
         meta = json.loads((out / "meta.json").read_text())
-        have = {"encoder": meta["encoder"], "preprocess": meta["preprocess"]}
-        if have != wanted:
-            raise FeatureCacheError(
-                f"{out}: this cache holds features of {have['encoder']} ({have['preprocess']}); "
-                "refusing to add "
-                f"features of {wanted['encoder']} ({wanted['preprocess']}). Use another --out directory."
-            )
+        check_fits(out, meta, encoder.name, encoder.preprocess)
         if meta["keys"] != list(keys):
             raise FeatureCacheError(
                 f"{out}: this cache was made for a different list of images "
@@ -203,11 +179,13 @@ def open_cache(out: Path, keys: Sequence[str], encoder: Encoder, create: bool) -
         raise FeatureCacheError(f"{out}: no cache yet (rank 0 creates it)")
     out.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
-        _, g = encoder(torch.zeros(1, 3, encoder.preprocess.size, encoder.preprocess.size))
+        size = encoder.preprocess.size
+        _, g = encoder(torch.zeros(1, 3, size, size, device=next(encoder.parameters()).device))
     n, cells, dim = len(keys), g.shape[1], g.shape[2]
     np.lib.format.open_memmap(out / "pooled.npy", "w+", np.float16, (n, dim)).flush()
     np.lib.format.open_memmap(out / "grid.npy", "w+", np.float16, (n, cells, dim)).flush()
     np.lib.format.open_memmap(out / "done.npy", "w+", np.uint8, (n,)).flush()
+    wanted = {"encoder": encoder.name, "preprocess": encoder.preprocess.to_dict()}
     meta = {**wanted, "feature_dim": dim, "grid_shape": [cells, dim], "keys": list(keys)}
     tmp = out / "meta.json.tmp"
     tmp.write_text(json.dumps(meta) + "\n")

@@ -15,11 +15,14 @@ import io
 import math
 import os
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, cast
 
 from PIL import Image, ImageOps
+
+from captioner.errors import ConfigError, ImageError
 
 if TYPE_CHECKING:
     import torch
@@ -34,21 +37,6 @@ decoders (e.g. EPS runs Ghostscript)."""
 
 _HIGH_BIT_DEPTH = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 _WITH_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
-
-
-class ImageError(ValueError):
-    """An image that cannot be used; str() is 'PATH: what is wrong', e.g. 'a.jpg: file is empty (0 bytes)'."""
-
-    path: str
-    reason: str
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(path, reason)  # args match __init__, so the error pickles out of DataLoader workers
-        self.path = path
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
 
 
 def load_image(
@@ -160,15 +148,15 @@ class Preprocess:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
-            raise ValueError(f"Preprocess.size must be a positive int, got {self.size!r}")
+            raise ConfigError(f"Preprocess.size must be a positive int, got {self.size!r}")
         if self.resize not in ("squash", "crop"):
-            raise ValueError(f"Preprocess.resize must be 'squash' or 'crop', got {self.resize!r}")
+            raise ConfigError(f"Preprocess.resize must be 'squash' or 'crop', got {self.resize!r}")
         if self.interpolation not in ("bilinear", "bicubic"):
-            raise ValueError(
+            raise ConfigError(
                 f"Preprocess.interpolation must be 'bilinear' or 'bicubic', not {self.interpolation!r}"
             )
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"Preprocess needs 3 means and 3 positive stds, got {self.mean} and {self.std}")
+            raise ConfigError(f"Preprocess needs 3 means and 3 positive stds, got {self.mean} and {self.std}")
 
     def to_dict(self) -> dict:
         """Plain JSON/YAML-safe dict (lists, not tuples)."""
@@ -179,7 +167,7 @@ class Preprocess:
         """Inverse of to_dict. Unknown keys are an error: they mean a checkpoint from a different version."""
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"unknown Preprocess keys: {', '.join(map(str, unknown))}")
+            raise ConfigError(f"unknown Preprocess keys: {', '.join(map(str, unknown))}")
         return cls(**d)
 
 
@@ -238,3 +226,67 @@ def image_tensor(
 ) -> torch.Tensor:
     """load_image + the eval transform: exactly the [3, size, size] tensor an encoder sees for this image."""
     return _eval_transform(pre)(load_image(source, name=name))
+
+
+# --- many files: batches that go on past a bad file ---
+
+
+class ImageFiles:
+    """A map-style dataset of (row, tensor) for paths[row]; a file that cannot be used yields
+    (row, error message) instead, so one bad image never fails a batch or a DataLoader worker."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], rows: Sequence[int], pre: Preprocess):
+        self.paths, self.rows, self.transform = paths, rows, build_transform(pre)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | str]:
+        row = self.rows[i]
+        try:
+            return row, self.transform(load_image(self.paths[row]))
+        except ImageError as e:
+            return row, str(e)
+
+
+@dataclass
+class ImageBatch:
+    rows: list[int]  # every row of the batch, in order
+    good: list[int]  # the rows whose image loaded, in order
+    images: torch.Tensor | None  # their tensors [len(good), 3, S, S]; None when none loaded
+    errors: dict[int, str]  # row -> 'PATH: what is wrong'
+
+
+def load_batches(
+    paths: Sequence[str | os.PathLike],
+    pre: Preprocess,
+    *,
+    rows: Sequence[int] | None = None,
+    batch_size: int = 32,
+    num_workers: int = 1,
+) -> Iterator[ImageBatch]:
+    """Read and preprocess `paths` (or only `rows` of them) in batches, in DataLoader workers while the
+    caller works on the previous batch: what feature extraction, captioning and evaluation all run."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    rows = range(len(paths)) if rows is None else rows
+    loader: DataLoader = DataLoader(
+        ImageFiles(paths, rows, pre),  # type: ignore[arg-type]  # map-style: __getitem__ and __len__
+        batch_size=batch_size,
+        num_workers=num_workers if len(rows) > batch_size else 0,  # a worker costs more than one batch
+        collate_fn=_as_list,
+    )
+    for items in loader:
+        good = [(r, x) for r, x in items if isinstance(x, torch.Tensor)]
+        yield ImageBatch(
+            [r for r, _ in items],
+            [r for r, _ in good],
+            torch.stack([x for _, x in good]) if good else None,
+            {r: x for r, x in items if isinstance(x, str)},
+        )
+
+
+def _as_list(items: list) -> list:
+    """DataLoader collate that keeps a batch as a list, so good images and errors can be told apart."""
+    return items

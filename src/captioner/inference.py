@@ -13,29 +13,30 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch.utils.data import DataLoader
 
-from captioner.features import ImageFiles, as_list
-from captioner.images import Preprocess
+from captioner.generation import GenerationOptions
+from captioner.images import Preprocess, load_batches
 from captioner.model import Caption, Captioner
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 class _Encoder(Protocol):
-    """A torch `Encoder` or a `runtime.OnnxEncoder`."""
+    """A torch `Encoder` or an `onnx.OnnxEncoder`."""
 
     @property
     def preprocess(self) -> Preprocess: ...
 
 
 class CaptionModel(Protocol):
-    """What `caption_files` needs of a model: a torch `Captioner` or a `runtime.OnnxCaptioner`."""
+    """What `caption_files` needs of a model: a torch `Captioner` or an `onnx.OnnxCaptioner`."""
 
     @property
     def encoder(self) -> _Encoder: ...
 
-    def caption_tensors(self, images: torch.Tensor, **options: Any) -> list[Caption]: ...
+    def caption_tensors(
+        self, images: torch.Tensor, options: GenerationOptions | None = None, **kwargs: Any
+    ) -> list[Caption]: ...
 
 
 def find_images(paths: Sequence[str | Path]) -> list[Path]:
@@ -54,52 +55,37 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
 def caption_files(
     model: CaptionModel,
     paths: Sequence[Path],
+    options: GenerationOptions | None = None,
     *,
     batch_size: int = 16,
     num_workers: int = 1,
     keep_features: bool = False,
-    **options,
 ) -> Iterator[tuple[Path, dict]]:
-    """Yield (path, result) in input order; result has caption/score/captions (and, with keep_features,
-    the encoder's "features" (pooled, grid)), or error."""
-    files = ImageFiles(paths, range(len(paths)), model.encoder.preprocess)
-    loader = DataLoader(
-        files,
-        batch_size=batch_size,
-        num_workers=num_workers if len(paths) > batch_size else 0,
-        collate_fn=as_list,
-    )
-    for batch in loader:
-        good = [(i, x) for i, x in batch if isinstance(x, torch.Tensor)]
-        captions = iter(model.caption_tensors(torch.stack([x for _, x in good]), **options) if good else [])
-        for i, x in batch:
-            if isinstance(x, str):
-                yield paths[i], {"error": x}
-            else:
-                c = next(captions)
-                result = {
-                    "caption": c.caption,
-                    "score": round(c.score, 4),
-                    "captions": [{"caption": t, "score": round(s, 4)} for t, s in c.captions],
-                }
-                if keep_features and c.features is not None:
-                    result["features"] = c.features
-                yield paths[i], result
+    """Yield (path, result) in input order; result is `Caption.to_json()` (and, with keep_features, the
+    encoder's "features" (pooled, grid)), or {"error": message}."""
+    batches = load_batches(paths, model.encoder.preprocess, batch_size=batch_size, num_workers=num_workers)
+    for batch in batches:
+        captions = iter(model.caption_tensors(batch.images, options) if batch.images is not None else [])
+        for row in batch.rows:
+            if row in batch.errors:
+                yield paths[row], {"error": batch.errors[row]}
+                continue
+            c = next(captions)
+            result = c.to_json()
+            if keep_features and c.features is not None:
+                result["features"] = c.features
+            yield paths[row], result
 
 
 def caption_paths(
     inputs: Sequence[str],
     *,
     model: str | None,
-    beam_size: int = 3,
-    n_best: int = 1,
-    length_penalty: float | None = None,
-    no_repeat_ngram: int | None = None,
-    temperature: float | None = None,
-    top_p: float = 1.0,
+    options: GenerationOptions | None = None,
     batch_size: int = 16,
     fmt: str = "text",
     runtime: str = "torch",
+    device: str = "cpu",
 ) -> int:
     """The `captioner caption` command: returns the exit status (1 if any file failed)."""
     paths = find_images(inputs)
@@ -107,28 +93,19 @@ def caption_paths(
         print("captioner: error: no images found in " + ", ".join(inputs), file=sys.stderr)
         return 1
     if runtime == "onnx":
-        from captioner.runtime import OnnxCaptioner
+        from captioner.onnx import OnnxCaptioner
 
         captioner: CaptionModel = OnnxCaptioner.from_pretrained(model)
     else:
-        captioner = Captioner.from_pretrained(model)
+        captioner = Captioner.from_pretrained(model, device=device)
+    options = options or GenerationOptions()
     failed = 0
-    for path, result in caption_files(
-        captioner,
-        paths,
-        batch_size=batch_size,
-        beam_size=beam_size,
-        n_best=n_best,
-        length_penalty=length_penalty,
-        no_repeat_ngram=no_repeat_ngram,
-        temperature=temperature,
-        top_p=top_p,
-    ):
+    for path, result in caption_files(captioner, paths, options, batch_size=batch_size):
         if "error" in result:
             failed += 1
         if fmt == "jsonl":
             record = {"image": str(path), **result}
-            if "error" not in result and n_best <= 1:
+            if "error" not in result and options.value("n_best") <= 1:
                 record.pop("captions")
             print(json.dumps(record), flush=True)
         elif "error" in result:

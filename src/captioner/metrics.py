@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from captioner.errors import DataError
+
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
 
@@ -65,7 +67,7 @@ class CaptionScorer:
 
     def __init__(self, references: Mapping[str, Sequence[str]]):
         if not references:
-            raise ValueError("no reference captions to score against")
+            raise DataError("no reference captions to score against")
         self.references = tokenize(references)
 
     def score(

@@ -12,34 +12,41 @@ package for the offline encoders), which keeps a bundled model small.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from captioner import __version__
+from captioner import distributed
+from captioner.checkpoint import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    VOCAB_FILE,
+    WEIGHTS_FILE,
+    CheckpointConfig,
+    EncoderSpec,
+    atomic_directory,
+)
+from captioner.config import DecoderConfig
 from captioner.decoders import create_decoder
 from captioner.decoding import Hypothesis, WithoutWords, beam_search, greedy, sample
 from captioner.encoders import Encoder, create_encoder
+from captioner.errors import CheckpointError
+from captioner.generation import GenerationOptions
 from captioner.images import Preprocess, build_transform, load_image
 from captioner.vocab import Vocabulary
 
+__all__ = ["Caption", "Captioner", "CheckpointError", "FORMAT_VERSION", "resolve_model"]
+
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 DEFAULT_MODEL = "flickr8k"
-FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
-    pass
-
-
-@dataclass
+@dataclass(repr=False)
 class Caption:
     """One image's result: the best caption, and the n best with their scores."""
 
@@ -50,19 +57,44 @@ class Caption:
     attention: torch.Tensor | None  # [len(words), H*W] for attention decoders
     grid_shape: tuple[int, int] | None  # (H, W) of the attention grid
     features: tuple[torch.Tensor, torch.Tensor] | None = None  # the encoder's (pooled, grid) for this image
+    resize: str = "squash"  # how the photo was made square: where the attention grid lies on it
+
+    def __repr__(self) -> str:
+        return f"Caption({self.caption!r}, score={self.score:.4f}, n_best={len(self.captions)})"
+
+    def to_json(self, *, detail: bool = False) -> dict[str, Any]:
+        """The result as JSON: caption, score and the n best; with `detail`, also the words and, for
+        attention decoders, each word's attention over the grid (weights rounded to 4 places)."""
+        out: dict[str, Any] = {
+            "caption": self.caption,
+            "score": round(self.score, 4),
+            "captions": [{"caption": text, "score": round(score, 4)} for text, score in self.captions],
+        }
+        if detail:
+            out["words"] = self.words
+            if self.attention is not None and self.grid_shape is not None:
+                weights = [[round(v, 4) for v in row] for row in self.attention.float().tolist()]
+                # resize says how the grid lies on the photo: all of it ("squash") or its centre ("crop")
+                out["attention"] = {
+                    "grid": list(self.grid_shape),
+                    "words": self.words,
+                    "weights": weights,
+                    "resize": self.resize,
+                }
+        return out
 
 
 def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
     """A checkpoint directory from a path or the name of a bundled model."""
     name = str(name_or_path or DEFAULT_MODEL)
     path = Path(name)
-    if (path / "config.json").exists():
+    if (path / CONFIG_FILE).exists():
         return path
-    if (BUNDLED_DIR / name / "config.json").exists():
+    if (BUNDLED_DIR / name / CONFIG_FILE).exists():
         return BUNDLED_DIR / name
-    bundled = sorted(p.name for p in BUNDLED_DIR.glob("*") if (p / "config.json").exists())
+    bundled = sorted(p.name for p in BUNDLED_DIR.glob("*") if (p / CONFIG_FILE).exists())
     raise CheckpointError(
-        f"{name}: not a checkpoint directory (no config.json) nor a bundled model "
+        f"{name}: not a checkpoint directory (no {CONFIG_FILE}) nor a bundled model "
         f"({', '.join(bundled) or 'none installed'})"
     )
 
@@ -73,51 +105,58 @@ class Captioner(nn.Module):
         encoder: Encoder,
         decoder: nn.Module,
         vocab: Vocabulary,
-        decoder_config: dict,
+        decoder_config: DecoderConfig,
+        *,
         encoder_finetuned: bool = False,
+        generation: GenerationOptions | None = None,
     ):
         super().__init__()
         self.encoder, self.decoder, self.vocab = encoder, decoder, vocab
-        self.decoder_config = dict(decoder_config)  # {"name": ..., **options}
-        self.encoder_finetuned = encoder_finetuned
+        self.decoder_config = decoder_config
+        self.encoder_finetuned = encoder_finetuned  # its weights are saved (and loaded) with the decoder's
         # Decoding defaults stored with the model, like Hugging Face's generation config: e.g. the length
-        # penalty that did best on the validation split. Explicit arguments always win.
-        self.generation: dict = {}
+        # penalty that did best on the validation split. Options given to `generate` always win.
+        self.generation = generation or GenerationOptions()
 
     @classmethod
     def build(
         cls,
         encoder: str | Encoder,
-        decoder_config: dict,
+        decoder_config: DecoderConfig | dict,
         vocab: Vocabulary,
+        *,
         pretrained_encoder: bool = True,
         preprocess: Preprocess | None = None,
+        resize: str | None = None,
+        encoder_finetuned: bool = False,
+        generation: GenerationOptions | None = None,
     ) -> Captioner:
+        """A new model: encoder by name (pretrained weights, `preprocess` or just its `resize` mode
+        overriding its default preprocessing) or as built, decoder as configured, untrained."""
+        if isinstance(decoder_config, dict):
+            decoder_config = DecoderConfig(**decoder_config)
         enc = (
             encoder
             if isinstance(encoder, Encoder)
-            else create_encoder(encoder, pretrained=pretrained_encoder, preprocess=preprocess)
+            else create_encoder(encoder, pretrained=pretrained_encoder, preprocess=preprocess, resize=resize)
         )
-        options = {k: v for k, v in decoder_config.items() if k != "name"}
+        options = {k: v for k, v in decoder_config.options().items() if k != "name"}
         dec = create_decoder(
-            decoder_config["name"], vocab_size=len(vocab), feature_dim=enc.feature_dim, **options
+            decoder_config.name, vocab_size=len(vocab), feature_dim=enc.feature_dim, **options
         )
-        return cls(enc, dec, vocab, decoder_config)
+        return cls(
+            enc, dec, vocab, decoder_config, encoder_finetuned=encoder_finetuned, generation=generation
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.decoder.parameters()).device
 
     # --- checkpoints ---
 
-    def config(self) -> dict:
-        return {
-            "captioner_version": __version__,
-            "format_version": FORMAT_VERSION,
-            "encoder": {
-                "name": self.encoder.name,
-                "preprocess": self.encoder.preprocess.to_dict(),
-                "finetuned": self.encoder_finetuned,
-            },
-            "decoder": self.decoder_config,
-            **({"generation": self.generation} if self.generation else {}),
-        }
+    def config(self) -> CheckpointConfig:
+        spec = EncoderSpec(self.encoder.name, self.encoder.preprocess, self.encoder_finetuned)
+        return CheckpointConfig(spec, self.decoder_config, self.generation)
 
     def save_pretrained(
         self,
@@ -128,52 +167,50 @@ class Captioner(nn.Module):
         """Write the checkpoint directory atomically: a reader sees the old one or the new one, whole."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
-        try:
+        with atomic_directory(path) as tmp:
             tensors = {
-                f"decoder.{k}": v.detach().to(dtype).contiguous()
+                f"decoder.{k}": v.detach().to(dtype).cpu().contiguous()
                 for k, v in self.decoder.state_dict().items()
             }
             if self.encoder_finetuned:
                 tensors.update(
-                    {f"encoder.{k}": v.detach().contiguous() for k, v in self.encoder.state_dict().items()}
+                    {
+                        f"encoder.{k}": v.detach().cpu().contiguous()
+                        for k, v in self.encoder.state_dict().items()
+                    }
                 )
-            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            (tmp / "config.json").write_text(json.dumps(self.config(), indent=2) + "\n")
-            self.vocab.save(tmp / "vocab.json")
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            self.config().write(tmp)
+            self.vocab.save(tmp / VOCAB_FILE)
             if extra is not None:  # more files for the same atomic directory (e.g. the training state)
                 extra(tmp)
-            for f in tmp.iterdir():
-                f.chmod(0o644)  # some writers create private files; a checkpoint is meant to be shared
-            _replace_dir(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return path
+        return Path(path)
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | os.PathLike | None = None, *, device: str = "cpu"
+        cls,
+        name_or_path: str | os.PathLike | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        resize: str | None = None,
     ) -> Captioner:
-        """Load a checkpoint directory, or a bundled model by name (default: the bundled Flickr8k model)."""
+        """Load a checkpoint directory, or a bundled model by name (default: the bundled Flickr8k model),
+        onto `device` ("auto": the GPU when there is one). `resize` ("squash" or "crop") overrides how
+        photos are made square, to measure what that costs."""
         path = resolve_model(name_or_path)
-        config = json.loads((path / "config.json").read_text())
-        check_compatible(config, path)
-        vocab = Vocabulary.load(path / "vocab.json")
-        enc_cfg = config["encoder"]
+        config = CheckpointConfig.read(path)
         model = cls.build(
-            enc_cfg["name"],
-            config["decoder"],
-            vocab,
-            pretrained_encoder=not enc_cfg.get("finetuned", False),
-            preprocess=Preprocess.from_dict(enc_cfg["preprocess"]),
+            config.encoder.name,
+            config.decoder,
+            Vocabulary.load(path / VOCAB_FILE),
+            pretrained_encoder=not config.encoder.finetuned,
+            preprocess=config.encoder.preprocess,
+            resize=resize,
+            encoder_finetuned=config.encoder.finetuned,
+            generation=config.generation,
         )
-        model.generation = dict(config.get("generation", {}))
-        model.encoder_finetuned = bool(enc_cfg.get("finetuned", False))
-        model.load_weights(path / "model.safetensors")
-        return model.to(device).eval()
+        model.load_weights(path / WEIGHTS_FILE)
+        return model.to(distributed.device(device)).eval()
 
     def load_weights(self, file: str | os.PathLike) -> None:
         """Load the decoder's weights (and the encoder's, when fine-tuned) from a checkpoint's safetensors."""
@@ -193,29 +230,23 @@ class Captioner(nn.Module):
         self,
         pooled: torch.Tensor,
         grid: torch.Tensor,
-        *,
-        beam_size: int = 3,
-        n_best: int = 1,
-        length_penalty: float | None = None,
-        no_repeat_ngram: int | None = None,
-        max_length: int | None = None,
-        temperature: float | None = None,
-        top_p: float = 1.0,
+        options: GenerationOptions | None = None,
+        **kwargs: Any,
     ) -> list[list[Hypothesis]]:
-        """Decode captions from features: beam search, greedy (beam_size=1) or sampling (temperature)."""
-        ids = {
-            "start_id": self.vocab.start_id,
-            "end_id": self.vocab.end_id,
-            "max_length": max_length or self.vocab.max_length,
-        }
+        """Decode captions from features: beam search, greedy (beam_size=1) or sampling (temperature).
+        `options` (or keyword arguments naming its fields) override the model's stored defaults."""
+        o = GenerationOptions.of(options, **kwargs).over(self.generation)
         v = self.vocab
-        if length_penalty is None:
-            length_penalty = float(self.generation.get("length_penalty", 0.0))
-        if no_repeat_ngram is None:
-            no_repeat_ngram = int(self.generation.get("no_repeat_ngram", 0))
+        ids = {"start_id": v.start_id, "end_id": v.end_id, "max_length": o.max_length or v.max_length}
         decoder = WithoutWords(self.decoder, [v.pad_id, v.start_id, v.unk_id])
-        if temperature is not None:
-            return [[h] for h in sample(decoder, pooled, grid, temperature=temperature, top_p=top_p, **ids)]
+        beam_size, n_best = o.value("beam_size"), o.value("n_best")
+        if o.temperature is not None:
+            return [
+                [h]
+                for h in sample(
+                    decoder, pooled, grid, temperature=o.temperature, top_p=o.value("top_p"), **ids
+                )
+            ]
         if beam_size == 1 and n_best == 1:
             return [[h] for h in greedy(decoder, pooled, grid, **ids)]
         return beam_search(
@@ -224,66 +255,53 @@ class Captioner(nn.Module):
             grid,
             beam_size=beam_size,
             n_best=n_best,
-            alpha=length_penalty,
-            no_repeat_ngram=no_repeat_ngram,
+            alpha=o.value("length_penalty"),
+            no_repeat_ngram=o.value("no_repeat_ngram"),
             **ids,
         )
 
     @torch.inference_mode()
-    def caption_tensors(self, images: torch.Tensor, **options) -> list[Caption]:
-        """Caption a batch of already preprocessed images [B, 3, S, S]."""
+    def caption_tensors(
+        self, images: torch.Tensor, options: GenerationOptions | None = None, **kwargs: Any
+    ) -> list[Caption]:
+        """Caption a batch of already preprocessed images [B, 3, S, S], on the model's device; the results
+        (attention, features) are on the CPU."""
         self.eval()
-        pooled, grid = self.encoder(images)
+        pooled, grid = self.encoder(images.to(self.device))
         side = int(round(grid.shape[1] ** 0.5))
         shape = (side, grid.shape[1] // side) if side * side == grid.shape[1] else None
         out: list[Caption] = []
-        for hyps in self.generate(pooled, grid, **options):
-            best = hyps[0]
-            words = [self.vocab.words[i] for i in best.tokens]
+        pooled_cpu, grid_cpu = pooled.cpu(), grid.cpu()
+        for hyps in self.generate(pooled, grid, options, **kwargs):
+            best, i = hyps[0], len(out)
+            words = [self.vocab.words[t] for t in best.tokens]
             out.append(
                 Caption(
                     " ".join(words),
                     best.score,
                     [(self.vocab.decode(h.tokens), h.score) for h in hyps],
                     words,
-                    best.attention,
+                    best.attention.cpu() if best.attention is not None else None,
                     shape,
-                    (pooled[len(out)], grid[len(out)]),
+                    (pooled_cpu[i], grid_cpu[i]),
+                    self.encoder.preprocess.resize,
                 )
             )
         return out
 
     def caption(
-        self, images: str | os.PathLike | Sequence[str | os.PathLike], **options
+        self,
+        images: str | os.PathLike | Sequence[str | os.PathLike],
+        options: GenerationOptions | None = None,
+        **kwargs: Any,
     ) -> Caption | list[Caption]:
         """Caption one image path (returns a Caption) or a list of them (returns a list)."""
         single = isinstance(images, str | os.PathLike)
         paths = [images] if isinstance(images, str | os.PathLike) else list(images)  # narrows for mypy
         transform = build_transform(self.encoder.preprocess)
         batch = torch.stack([transform(load_image(p)) for p in paths])
-        results = self.caption_tensors(batch, **options)
+        results = self.caption_tensors(batch, options, **kwargs)
         return results[0] if single else results
-
-
-def check_compatible(config: dict, path: Path) -> None:
-    """Refuse, clearly, a checkpoint written in a layout this version cannot read."""
-    fmt = config.get("format_version")
-    if fmt != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format {fmt} written by captioner "
-            f"{config.get('captioner_version', '?')}; this is captioner {__version__}, "
-            f"which reads format {FORMAT_VERSION}"
-        )
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Swap `new` into place of `target`; at every moment one complete version exists on disk."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def count_parameters(modules: Iterable[nn.Module]) -> int:

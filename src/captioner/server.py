@@ -28,7 +28,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from captioner.images import ImageError, build_transform, load_image
+from captioner.errors import ImageError
+from captioner.generation import GenerationOptions
+from captioner.images import build_transform, load_image
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +47,7 @@ FORM_SLACK = 64 * 1024  # room for the multipart headers and small form fields a
 @dataclass
 class _Job:
     image: torch.Tensor
-    options: tuple[int, int]  # (beam_size, n_best): only jobs with equal options share a pass
+    options: GenerationOptions  # only jobs with equal options share a pass
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     queued: float = field(default_factory=time.perf_counter)
@@ -62,14 +64,14 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    async def caption(self, image: torch.Tensor, beam_size: int, n_best: int) -> tuple[Caption, dict]:
+    async def caption(self, image: torch.Tensor, options: GenerationOptions) -> tuple[Caption, dict]:
         """Queue one preprocessed image; returns its Caption and timings once its batch has run."""
         with self._lock:  # started lazily, so an app can be served, shut down and served again
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="captioner-model", daemon=True)
                 self._thread.start()
         loop = asyncio.get_running_loop()
-        job = _Job(image, (beam_size, n_best), loop, loop.create_future())
+        job = _Job(image, options, loop, loop.create_future())
         self._queue.put(job)
         return await job.future
 
@@ -104,13 +106,13 @@ class Batcher:
                     self._queue.put(None)
                     break
                 jobs.append(job)
-            groups: dict[tuple[int, int], list[_Job]] = defaultdict(list)
+            groups: dict[GenerationOptions, list[_Job]] = defaultdict(list)
             for job in jobs:
                 groups[job.options].append(job)
-            for (beam_size, n_best), group in groups.items():
-                self._pass(group, beam_size, n_best)
+            for options, group in groups.items():
+                self._pass(group, options)
 
-    def _pass(self, jobs: list[_Job], beam_size: int, n_best: int) -> None:
+    def _pass(self, jobs: list[_Job], options: GenerationOptions) -> None:
         import torch
 
         start = time.perf_counter()
@@ -118,7 +120,7 @@ class Batcher:
         error: Exception | None = None
         try:
             batch = torch.stack([job.image for job in jobs])
-            results = self.captioner.caption_tensors(batch, beam_size=beam_size, n_best=n_best)
+            results = self.captioner.caption_tensors(batch, options)
             if len(results) != len(jobs):
                 raise RuntimeError(f"{len(results)} captions for {len(jobs)} images")
         except Exception as e:  # reported to every request of this pass; the thread carries on
@@ -172,26 +174,6 @@ def too_large(limit: int) -> str:
     return f"upload too large (limit is {limit / 2**20:.2f} MiB)"
 
 
-def caption_json(c: Caption, resize: str) -> dict:
-    """A Caption as the API's JSON; the attention grid's weights rounded to 4 places."""
-    out: dict[str, Any] = {
-        "caption": c.caption,
-        "score": round(c.score, 4),
-        "captions": [{"caption": text, "score": round(score, 4)} for text, score in c.captions],
-        "words": c.words,
-    }
-    if c.attention is not None and c.grid_shape is not None:
-        weights = [[round(v, 4) for v in row] for row in c.attention.float().tolist()]
-        # resize says how the grid lies on the photo: all of it ("squash") or its centre square ("crop")
-        out["attention"] = {
-            "grid": list(c.grid_shape),
-            "words": c.words,
-            "weights": weights,
-            "resize": resize,
-        }
-    return out
-
-
 def create_app(
     captioner: Captioner,
     *,
@@ -205,7 +187,7 @@ def create_app(
     batcher = Batcher(captioner, max_batch=max_batch, max_wait_ms=max_wait_ms)
     pre = captioner.encoder.preprocess
     transform = build_transform(pre)
-    decoder = str(captioner.decoder_config.get("name", type(captioner.decoder).__name__))
+    decoder = captioner.decoder_config.name
     name = model_name or f"{captioner.encoder.name}+{decoder}"
     started = time.time()
 
@@ -269,13 +251,13 @@ def create_app(
             raise HTTPException(415 if unsupported else 422, str(e)) from None
         preprocess_ms = (time.perf_counter() - t0) * 1000
         try:
-            result, timing = await batcher.caption(image, beams, best)
+            result, timing = await batcher.caption(image, GenerationOptions(beam_size=beams, n_best=best))
         except Exception as e:
             raise HTTPException(500, f"{filename}: captioning failed ({type(e).__name__}: {e})") from None
         ms = {"preprocess_ms": preprocess_ms, "queue_ms": timing["queue_ms"], "model_ms": timing["model_ms"]}
         ms["total_ms"] = (time.perf_counter() - t0) * 1000
         return {
-            **caption_json(result, pre.resize),
+            **result.to_json(detail=True),
             "beam_size": beams,
             "n_best": best,
             "batch_size": timing["batch_size"],
@@ -333,7 +315,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
     from captioner.model import DEFAULT_MODEL, Captioner
 
-    captioner = Captioner.from_pretrained(args.model)
+    captioner = Captioner.from_pretrained(args.model, device=args.device)
     index = None
     if args.db:
         from captioner.search import PhotoIndex, attach_model

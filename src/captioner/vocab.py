@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from captioner.errors import CheckpointError, DataError
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
@@ -28,7 +30,9 @@ def tokenize(text: str, keep_punctuation: bool = False) -> list[str]:
 
 
 def percentile(values: Sequence[int], q: float) -> int:
-    """Nearest-rank percentile (q in 0..100) of a non-empty sequence."""
+    """Nearest-rank percentile (q in 0..100); 0 for no values."""
+    if not values:
+        return 0
     ordered = sorted(values)
     rank = max(1, -(-len(ordered) * q // 100))  # ceil without floats drifting
     return ordered[int(rank) - 1]
@@ -43,10 +47,10 @@ class Vocabulary:
 
     def __post_init__(self) -> None:
         if tuple(self.words[:4]) != SPECIALS:
-            raise ValueError(f"a vocabulary must start with {SPECIALS}, got {self.words[:4]}")
+            raise CheckpointError(f"a vocabulary must start with {SPECIALS}, got {self.words[:4]}")
         self.index = {w: i for i, w in enumerate(self.words)}
         if len(self.index) != len(self.words):
-            raise ValueError("a vocabulary lists a word twice")
+            raise CheckpointError("a vocabulary lists a word twice")
 
     pad_id = property(lambda self: 0)
     start_id = property(lambda self: 1)
@@ -72,7 +76,7 @@ class Vocabulary:
             counts.update(tokens)
             lengths.append(len(tokens))
         if not lengths:
-            raise ValueError("cannot build a vocabulary from no captions")
+            raise DataError("cannot build a vocabulary from no captions")
         kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
         return cls(list(SPECIALS) + kept, max(1, percentile(lengths, length_percentile)), keep_punctuation)
 

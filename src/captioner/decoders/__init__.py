@@ -20,6 +20,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from captioner.errors import UnknownNameError
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -51,7 +53,7 @@ def create_decoder(name: str, *, vocab_size: int, feature_dim: int, **options) -
     """Build decoder `name`; `options` are its constructor's keyword arguments (sizes, dropout, ...)."""
     _load_all()
     if name not in _REGISTRY:
-        raise KeyError(f"unknown decoder {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+        raise UnknownNameError(f"unknown decoder {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name](vocab_size=vocab_size, feature_dim=feature_dim, **options)
 
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from captioner.decoding import WithoutWords, greedy
+from captioner.errors import ConfigError
 
 NGRAMS, SIGMA = 4, 6.0
 
@@ -106,14 +107,13 @@ def sample_with_log_probs(
 
 
 class SelfCritical:
-    """The SCST loss of a batch of images (`captioner.train.TrainingStep` calls it in place of
-    cross-entropy)."""
+    """The SCST loss of a batch of images (what `steps.SelfCriticalStep` computes)."""
 
     def __init__(self, model, cider: CiderD, samples: int = 5, baseline: str = "mean"):
         if baseline not in ("mean", "greedy"):
-            raise ValueError(f"train.scst_baseline: {baseline!r} is not 'mean' or 'greedy'")
+            raise ConfigError(f"train.scst_baseline: {baseline!r} is not 'mean' or 'greedy'")
         if baseline == "mean" and samples < 2:
-            raise ValueError("train.scst_samples: the mean-of-samples baseline needs at least 2 samples")
+            raise ConfigError("train.scst_samples: the mean-of-samples baseline needs at least 2 samples")
         self.model, self.cider, self.samples, self.baseline = model, cider, samples, baseline
 
     def _words(self, ids: list[int]) -> list[str]:

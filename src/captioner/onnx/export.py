@@ -1,26 +1,18 @@
-"""`captioner export`: a Captioner as ONNX graphs that `captioner.runtime` runs with onnxruntime.
+"""`captioner export`: a Captioner as ONNX graphs that `captioner.onnx.runtime` runs with onnxruntime.
 
 Decoding (greedy, beam search, sampling) stays in Python and only ever calls a decoder's `init_state` and
-`step` (see `captioner.decoders`), so only those two and the encoder become graphs:
-
-    encoder.onnx       images [B, 3, S, S] -> pooled [B, D], grid [B, L, D]
-    decoder_init.onnx  pooled, grid -> state.<name> for each state tensor
-    decoder_step.onnx  tokens [B], state.<name>... -> log_probs [B, V], next.<name>...[, attention [B, L]]
-    config.json        the checkpoint's config plus an "onnx" section (state names in order, ...)
-    vocab.json         the vocabulary
-
-The step returns only the state tensors it changes ("updates"); the others (an attention decoder's grid, the
-merge model's image) are fed back as they were instead of being copied through the graph at every word.
-Every batch axis is dynamic. The export is checked against torch before it is swapped into place.
+`step` (see `captioner.decoders`), so only those two and the encoder become graphs (the files are listed
+in `captioner.onnx`). The step returns only the state tensors it changes ("updates"); the others (an
+attention decoder's grid, the merge model's image) are fed back as they were instead of being copied
+through the graph at every word. Every batch axis is dynamic. The export is checked against torch before
+it is swapped into place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
-import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import cast
@@ -29,17 +21,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from captioner import __version__
+from captioner.checkpoint import VOCAB_FILE, CheckpointConfig, OnnxSection, atomic_directory
 from captioner.decoders import StepDecoder
-from captioner.model import Captioner, _replace_dir
+from captioner.errors import CheckpointError, ExportError
+from captioner.model import Captioner
+from captioner.onnx import ENCODER, INIT, STEP
 
-ENCODER, INIT, STEP = "encoder.onnx", "decoder_init.onnx", "decoder_step.onnx"
+__all__ = ["ExportError", "export_onnx"]
+
 OPSET = 17  # well-trodden by the TorchScript exporter; onnxruntime >= 1.13 runs it
 RTOL, ATOL = 1e-3, 1e-4  # onnxruntime vs torch; a wrong graph is off by far more than float rounding
-
-
-class ExportError(RuntimeError):
-    pass
 
 
 class _Init(nn.Module):
@@ -78,19 +69,15 @@ def export_onnx(model: Captioner, out: str | os.PathLike) -> Path:
         raise ExportError(f"exporting to ONNX needs {' and '.join(missing)}: pip install {' '.join(missing)}")
     out = Path(out)
     _check_replaceable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
     was_training = model.training
     try:
         model.eval()
-        onnx = _export_graphs(model, tmp)
-        onnx["max_abs_diff"] = _validate(model, tmp, onnx)
-        (tmp / "config.json").write_text(json.dumps({**model.config(), "onnx": onnx}, indent=2) + "\n")
-        model.vocab.save(tmp / "vocab.json")
-        _replace_dir(tmp, out)
+        with atomic_directory(out) as tmp:
+            onnx = _export_graphs(model, tmp)
+            onnx = dataclasses.replace(onnx, max_abs_diff=_validate(model, tmp, onnx))
+            dataclasses.replace(model.config(), onnx=onnx).write(tmp)
+            model.vocab.save(tmp / VOCAB_FILE)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         model.train(was_training)
     return out
 
@@ -110,7 +97,7 @@ def _torch_run(model: Captioner, batch: int, seed: int) -> tuple:
     return images, tokens, pooled, grid, state, log_probs, new, alpha
 
 
-def _export_graphs(model: Captioner, folder: Path) -> dict:
+def _export_graphs(model: Captioner, folder: Path) -> OnnxSection:
     """Trace the three graphs into `folder`; returns the config's "onnx" section."""
     images, tokens, pooled, grid, state, _, new, alpha = _torch_run(model, batch=2, seed=0)
     names = list(state)
@@ -133,14 +120,7 @@ def _export_graphs(model: Captioner, folder: Path) -> dict:
         ["tokens", *(f"state.{k}" for k in names)],
         ["log_probs", *(f"next.{k}" for k in updates), *(["attention"] if attention else [])],
     )
-    return {
-        "opset": OPSET,
-        "exporter": "torchscript",
-        "captioner_version": __version__,
-        "state": names,
-        "updates": updates,
-        "attention": attention,
-    }
+    return OnnxSection(state=names, updates=updates, attention=attention, opset=OPSET, exporter="torchscript")
 
 
 def _check_replaceable(out: Path) -> None:
@@ -150,8 +130,8 @@ def _check_replaceable(out: Path) -> None:
         raise ExportError(f"{out}: exists and is not a directory")
     if any(out.iterdir()):
         try:
-            previous = "onnx" in json.loads((out / "config.json").read_text())
-        except (OSError, ValueError):
+            previous = CheckpointConfig.read(out).onnx is not None
+        except CheckpointError:
             previous = False
         if not previous:
             raise ExportError(f"{out}: not empty and not a previous ONNX export; refusing to replace it")
@@ -178,20 +158,20 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
         )
 
 
-def _validate(model: Captioner, folder: Path, onnx: dict) -> dict[str, float]:
+def _validate(model: Captioner, folder: Path, onnx: OnnxSection) -> dict[str, float]:
     """Run the three graphs with onnxruntime on a batch size other than the traced one and compare with
     torch; raise ExportError if any output differs beyond float rounding. Returns each output's largest
     absolute difference, kept in config.json as a record of the check."""
-    from captioner.runtime import load_session, run
+    from captioner.onnx.runtime import load_session, run
 
     images, tokens, pooled, grid, state, log_probs, new, alpha = _torch_run(model, batch=3, seed=1)
-    names = onnx["state"]
+    names = onnx.state
     checks = {
         ENCODER: ({"images": images}, [pooled, grid]),
         INIT: ({"pooled": pooled, "grid": grid}, [state[k] for k in names]),
         STEP: (
             {"tokens": tokens, **{f"state.{k}": state[k] for k in names}},
-            [log_probs, *(new[k] for k in onnx["updates"]), *([alpha] if onnx["attention"] else [])],
+            [log_probs, *(new[k] for k in onnx.updates), *([alpha] if onnx.attention else [])],
         ),
     }
     diffs = {}

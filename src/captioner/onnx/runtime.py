@@ -7,16 +7,18 @@ run unchanged, on the whole batch and every beam in one graph call per word.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from captioner.export import ENCODER, INIT, STEP
+from captioner.checkpoint import VOCAB_FILE, CheckpointConfig
+from captioner.errors import CheckpointError, MissingDependencyError
+from captioner.generation import GenerationOptions
 from captioner.images import Preprocess
-from captioner.model import Captioner, CheckpointError, check_compatible
+from captioner.model import Captioner
+from captioner.onnx import ENCODER, GRAPHS, INIT, STEP
 from captioner.vocab import Vocabulary
 
 
@@ -26,7 +28,7 @@ def load_session(path: str | os.PathLike, threads: int | None = None):
     try:
         import onnxruntime as ort
     except ImportError as e:
-        raise RuntimeError("the ONNX runtime is not installed: pip install onnxruntime") from e
+        raise MissingDependencyError("the ONNX runtime is not installed: pip install onnxruntime") from e
     if threads is None:
         env = os.environ.get("OMP_NUM_THREADS", "")
         threads = int(env) if env.isdigit() else 0
@@ -88,9 +90,13 @@ class OnnxCaptioner:
     runtimes share every line of decoding and can differ only in the numbers the graphs compute.
     """
 
-    def __init__(self, encoder: OnnxEncoder, decoder: OnnxDecoder, vocab: Vocabulary, config: dict):
+    device = torch.device("cpu")  # where caption_tensors puts the images: onnxruntime takes CPU tensors
+
+    def __init__(
+        self, encoder: OnnxEncoder, decoder: OnnxDecoder, vocab: Vocabulary, config: CheckpointConfig
+    ):
         self.encoder, self.decoder, self.vocab, self.config = encoder, decoder, vocab, config
-        self.generation = dict(config.get("generation", {}))
+        self.generation: GenerationOptions = config.generation
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None, *, threads: int | None = None) -> OnnxCaptioner:
@@ -101,32 +107,30 @@ class OnnxCaptioner:
             )
         path = Path(path)
         try:
-            config = json.loads((path / "config.json").read_text())
-        except OSError as e:
-            raise CheckpointError(f"{path}: not an ONNX export (no config.json)") from e
-        if "onnx" not in config:
+            config = CheckpointConfig.read(path)
+        except CheckpointError as e:
+            if not (path / "config.json").exists():
+                raise CheckpointError(f"{path}: not an ONNX export (no config.json)") from e
+            raise
+        if config.onnx is None:
             raise CheckpointError(
                 f"{path}: a torch checkpoint, not an ONNX export; make one with "
                 f"`captioner export --model {path} --out DIR`"
             )
-        check_compatible(config, path)
-        missing = [f for f in (ENCODER, INIT, STEP, "vocab.json") if not (path / f).exists()]
+        missing = [f for f in (*GRAPHS, VOCAB_FILE) if not (path / f).exists()]
         if missing:
             raise CheckpointError(f"{path}: an incomplete ONNX export, missing {', '.join(missing)}")
-        onnx = config["onnx"]
         encoder = OnnxEncoder(
-            load_session(path / ENCODER, threads),
-            config["encoder"]["name"],
-            Preprocess.from_dict(config["encoder"]["preprocess"]),
+            load_session(path / ENCODER, threads), config.encoder.name, config.encoder.preprocess
         )
         decoder = OnnxDecoder(
             load_session(path / INIT, threads),
             load_session(path / STEP, threads),
-            list(onnx["state"]),
-            list(onnx["updates"]),
-            bool(onnx["attention"]),
+            list(config.onnx.state),
+            list(config.onnx.updates),
+            config.onnx.attention,
         )
-        return cls(encoder, decoder, Vocabulary.load(path / "vocab.json"), config)
+        return cls(encoder, decoder, Vocabulary.load(path / VOCAB_FILE), config)
 
     def eval(self) -> OnnxCaptioner:  # what Captioner.caption_tensors calls on itself
         return self
