@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from captioner.decoders import list_decoders
 from captioner.decoders.merge import Merge  # noqa: E402
 from captioner.images import build_transform, load_image  # noqa: E402
 from captioner.model import Captioner, CheckpointError  # noqa: E402
@@ -82,7 +83,7 @@ def test_export_directory_is_self_contained(exports, checkpoints):
         assert onnx["max_abs_diff"]["log_probs"] < 1e-5
 
 
-@pytest.mark.parametrize("name", ["attention", "merge", "show_tell"])
+@pytest.mark.parametrize("name", list_decoders())
 def test_onnx_captions_match_torch(name, checkpoints, exports, tiny_data):
     torch_model = Captioner.from_pretrained(checkpoints[name])
     onnx_model = OnnxCaptioner.from_pretrained(exports[name], threads=1)

@@ -59,7 +59,9 @@ def test_update_captions_only_new_or_changed_photos(captioner, tiny_data, tmp_pa
     captioned = []
     real = inference.caption_files
     monkeypatch.setattr(
-        inference, "caption_files", lambda m, paths, *a, **o: captioned.extend(paths) or real(m, paths, *a, **o)
+        inference,
+        "caption_files",
+        lambda m, paths, *a, **o: captioned.extend(paths) or real(m, paths, *a, **o),
     )
     index = PhotoIndex(tmp_path / "photos.sqlite", create=True)
 

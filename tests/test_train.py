@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from captioner.decoders import list_decoders
+from captioner.errors import DataError
 from captioner.generation import GenerationOptions
 from captioner.model import Captioner, CheckpointError
 from captioner.training import train
@@ -22,7 +24,7 @@ def losses(run_dir):
         return [float(r["loss"]) for r in csv.DictReader(f) if r["kind"] == "train"]
 
 
-@pytest.mark.parametrize("decoder", ["show_tell", "merge", "attention"])
+@pytest.mark.parametrize("decoder", list_decoders())
 def test_each_decoder_loss_falls(decoder, tiny_data, tiny_features, tmp_path):
     train(
         tiny_config(tiny_data, tiny_features, tmp_path, decoder, epochs=50, max_steps=15, lr=1e-2),
@@ -156,12 +158,18 @@ def test_glove_vectors_initialise_the_embeddings(tiny_data, tiny_features, tmp_p
     embedding = torch.nn.Embedding(len(vocab), 48)
     assert load_glove(embedding, vocab, glove) == 1
     assert torch.all(embedding.weight[vocab.index["red"]] == 0.5)
-    with pytest.raises(ValueError, match="line 1: 48 numbers, but decoder.embed_dim is 16"):
+    with pytest.raises(DataError, match="line 1: 48 numbers, but decoder.embed_dim is 16"):
         load_glove(torch.nn.Embedding(len(vocab), 16), vocab, glove)
-    # and through a training config
+    # and through a training config: one optimiser step (Adam moves a weight by at most about lr) later,
+    # the vector of a word GloVe knows is still GloVe's, and the others are not
     config = tiny_config(tiny_data, tiny_features, tmp_path / "run", "merge", epochs=1, max_steps=1)
     config.decoder.glove = str(glove)
     train(config, progress=False)
+    trained = Captioner.from_pretrained(tmp_path / "run" / "last")
+    weights = trained.decoder.embed.weight
+    lr = config.train.lr
+    assert torch.allclose(weights[trained.vocab.index["red"]], torch.full((48,), 0.5), atol=2 * lr)
+    assert not torch.allclose(weights[trained.vocab.index["blue"]], torch.full((48,), 0.5), atol=0.1)
 
 
 def test_encoder_fine_tuning_saves_the_encoder(tiny_data, tmp_path):
