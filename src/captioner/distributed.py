@@ -92,5 +92,8 @@ def checksums(module: nn.Module, d: Dist) -> list[str]:
 
 
 def cleanup(d: Dist) -> None:
+    """Leave the process group together: a rank that tears down its connections while another still
+    has a collective in flight makes gloo abort the other process ("terminate called ...")."""
     if d.world > 1 and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

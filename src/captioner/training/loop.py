@@ -82,11 +82,16 @@ class Run:
 def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
     """Train as `config` says; returns the directory of the best checkpoint."""
     run = prepare(config, resume)
-    stop = False
-    while run.state.epoch < config.train.epochs and not stop:
-        stop = train_epoch(run, progress and run.ddp.main)
-        stop = end_epoch(run, stop)
-    finish(run)
+    try:
+        stop = False
+        while run.state.epoch < config.train.epochs and not stop:
+            stop = train_epoch(run, progress and run.ddp.main)
+            stop = end_epoch(run, stop)
+        finish(run)
+    finally:
+        if run.log is not None:
+            run.log.close()
+    distributed.cleanup(run.ddp)
     return run.out / "best"
 
 
@@ -351,9 +356,6 @@ def finish(run: Run) -> None:
         if run.ddp.main:
             check = {"processes": run.ddp.world, "identical_weights": len(set(sums)) == 1, "checksums": sums}
             (run.out / "distributed.json").write_text(json.dumps(check, indent=2) + "\n")
-    if run.log is not None:
-        run.log.close()
-    distributed.cleanup(run.ddp)
 
 
 @torch.no_grad()
