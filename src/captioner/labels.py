@@ -1,0 +1,122 @@
+"""Visual labels: what the encoder's own ImageNet classifier sees, in everyday words.
+
+The encoders are ImageNet classifiers with the last layer cut off; that layer (one linear map on the
+pooled features the decoder already gets) still knows a refrigerator, a pizza or a space shuttle that the
+Flickr8k-trained decoder has never heard of. `LabelHead` runs it on the pooled features (no second encoder
+pass) and sums the 1,000 class probabilities per plain word with the committed table `imagenet_words.tsv`
+(the 120 dog breeds -> "dog", tabby / tiger cat -> "cat", espresso -> "coffee").
+
+The head's weights come from the encoder's pretrained source, never from a captioning checkpoint, so a
+decoder-only checkpoint has labels for free. A fine-tuned encoder has moved its features away from the
+head, and an encoder without an ImageNet linear head has none: both give no labels, and say why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+TABLE = Path(__file__).with_name("imagenet_words.tsv")
+TOP_K = 5  # labels reported per image
+MIN_P = 0.02  # a label below this probability is noise, not something seen
+
+
+@dataclass(frozen=True)
+class Label:
+    label: str  # an everyday word ("dog", "refrigerator", "space shuttle")
+    p: float  # the classifier's probability summed over the ImageNet classes with this word
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "p": round(self.p, 4)}
+
+
+@cache
+def imagenet_words() -> tuple[list[str], list[str]]:
+    """(class names, word per class) in ImageNet-1k index order, from the committed table."""
+    names: list[str] = []
+    words: list[str] = []
+    for line in TABLE.read_text(encoding="utf-8").splitlines():
+        if not line or line.startswith("#"):
+            continue
+        index, name, word = line.split("\t")
+        if int(index) != len(names):
+            raise ValueError(f"{TABLE}: class {index} out of order")
+        names.append(name)
+        words.append(word)
+    return names, words
+
+
+class LabelHead:
+    """ImageNet logits from pooled features -> probabilities per everyday word [B, W].
+
+    Not an nn.Module on purpose: the classifier stays the backbone's own layer (it moves with the
+    encoder), and a checkpoint's weights never gain a copy of it."""
+
+    def __init__(self, classifier: nn.Linear):
+        names, words = imagenet_words()
+        if classifier.out_features != len(names):
+            raise ValueError(f"an ImageNet head has {len(names)} classes, not {classifier.out_features}")
+        self.words = sorted(set(words))
+        column = {w: i for i, w in enumerate(self.words)}
+        # [1000, W] 0/1 matrix: probability mass of each class goes to its word
+        fold = torch.zeros(len(names), len(self.words))
+        fold[torch.arange(len(names)), torch.tensor([column[w] for w in words])] = 1.0
+        self.classifier, self.fold = classifier, fold
+
+    @torch.no_grad()
+    def __call__(self, pooled: torch.Tensor) -> torch.Tensor:
+        weight = self.classifier.weight
+        probs = self.classifier(pooled.to(weight.device, weight.dtype)).softmax(-1)
+        if self.fold.device != probs.device:
+            self.fold = self.fold.to(probs.device)
+        return probs @ self.fold
+
+    def word_index(self, word: str) -> int | None:
+        try:
+            return self.words.index(word)
+        except ValueError:
+            return None
+
+    def top(self, word_probs: torch.Tensor, k: int = TOP_K, min_p: float = MIN_P) -> list[list[Label]]:
+        """The k most probable words of each image, at least `min_p` each, most probable first."""
+        values, index = word_probs.float().cpu().topk(min(k, word_probs.shape[1]), dim=1)
+        return [
+            [
+                Label(self.words[i], float(p))
+                for p, i in zip(vs.tolist(), ix.tolist(), strict=True)
+                if p >= min_p
+            ]
+            for vs, ix in zip(values, index, strict=True)
+        ]
+
+
+def find_classifier(backbone: nn.Module) -> nn.Linear | None:
+    """The backbone's ImageNet classifier when it is one linear layer on the mean-pooled feature map (the
+    pooled features of `Encoder.forward`); None otherwise (e.g. VGG's convolutional pre-logits)."""
+    get = getattr(backbone, "get_classifier", None)  # timm models
+    head = get() if callable(get) else getattr(backbone, "classifier", None)
+    if isinstance(head, nn.Sequential):  # torchvision's MobileNetV2: Dropout, Linear
+        linear = [m for m in head if isinstance(m, nn.Linear)]
+        head = linear[0] if len(linear) == 1 else None
+    if not isinstance(head, nn.Linear) or head.out_features != 1000:
+        return None
+    if getattr(backbone, "pre_logits", None) is not None and not isinstance(backbone.pre_logits, nn.Identity):
+        return None  # timm's VGG: a conv MLP sits between the pooled map and the linear layer
+    return head
+
+
+def label_head(encoder: Any, finetuned: bool) -> tuple[LabelHead | None, str | None]:
+    """The encoder's label head, or None and the reason there is none."""
+    if finetuned:
+        return None, "the encoder was fine-tuned, so its ImageNet classifier no longer fits its features"
+    if not getattr(encoder, "pretrained", False):
+        return None, "the encoder has no pretrained ImageNet weights"
+    classifier = find_classifier(encoder.backbone)
+    if classifier is None:
+        return None, f"encoder {encoder.name!r} has no ImageNet classifier on its pooled features"
+    return LabelHead(classifier), None
