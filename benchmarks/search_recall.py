@@ -24,9 +24,16 @@ from captioner.search import RERANK, SEARCH_MODEL, PhotoIndex
 
 RANKINGS = {  # name -> options of PhotoIndex._rank
     f"default: captions pick {RERANK}, the captioner orders them by P(query | photo)": {},
+    "default without the labels' keywords": {"labels": False},
     "captions only: semantic + keyword (reciprocal rank fusion)": {"rerank": False},
     "semantic only": {"keyword": 0.0, "rerank": False},
     "keyword only (FTS5 bm25)": {"semantic": 0.0, "keyword": 1.0, "rerank": False},
+    "keyword only, captions without labels": {
+        "semantic": 0.0,
+        "keyword": 1.0,
+        "rerank": False,
+        "labels": False,
+    },
 }
 
 

@@ -159,6 +159,8 @@ def test_upload_shows_caption_and_alt_text(page, url, tiny_data):
     assert alt and " ".join(words) == alt
     assert page.text_content("#status") == f"Caption: {alt}"  # announced in the aria-live region
     assert page.locator("#alternatives li").count() == 3
+    labels = page.locator("#labels li").all_inner_texts()  # the encoder's labels, with probabilities
+    assert labels and all(text.rstrip("%").split()[-1].isdigit() for text in labels)
     assert page.get_attribute("#alt", "readonly") is not None
     assert page.locator("#canvas").bounding_box()["width"] > 100
 

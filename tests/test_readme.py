@@ -94,13 +94,16 @@ def check_caption(out: str, cwd: Path) -> None:
     assert len(records) == len(list((cwd / "examples").glob("*.jpg")))
     for record in records:
         assert record["caption"] and len(record["captions"]) == 3, record
+        assert all(set(label) == {"label", "p"} for label in record["labels"]), record
+    assert any(r["labels"] for r in records)
 
 
 def check_python(out: str, cwd: Path) -> None:
     lines = out.splitlines()
-    assert len(lines) == 4 and lines[0].strip(), out
-    for line in lines[1:]:
+    assert len(lines) == 6 and lines[0].strip() and lines[5].strip(), out
+    for line in lines[1:4]:
         assert re.fullmatch(r" *-?\d+\.\d{3}  \S.*", line), line
+    assert lines[4].startswith("[Label(label='tripod'"), lines[4]  # the encoder sees the tripod
     assert {"config.json", "model.safetensors", "vocab.json"} <= {
         p.name for p in (cwd / "my-model").iterdir()
     }

@@ -49,6 +49,17 @@ def test_caption_a_real_image(client, model, tiny_data):
     assert all(isinstance(c["score"], float) for c in body["captions"])
     assert set(body["timing"]) >= {"queue_ms", "preprocess_ms", "model_ms", "total_ms"}
     assert all(v >= 0 for v in body["timing"].values())
+    assert body["labels"] == [label.to_json() for label in expected.labels] and body["labels"]
+    assert body["grounding"] is True
+
+
+def test_grounding_switch(client, model, tiny_data):
+    path = tiny_data / "images" / "red_square_0.jpg"
+    for switch, value in (({"grounding": "false"}, False), ({"grounding": "true"}, True)):
+        body = post(client, image(tiny_data), form=switch).json()
+        assert body["grounding"] is value
+        assert body["caption"] == model.caption(path, beam_size=3, n_best=3, grounding=value).caption
+    assert post(client, image(tiny_data), grounding="maybe").status_code == 422
 
 
 def test_attention_payload(client, tiny_data):

@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--top-p", type=float, default=None, help="nucleus sampling threshold (with --temperature)"
     )
+    c.add_argument(
+        "--no-grounding",
+        action="store_false",
+        dest="grounding",
+        help="decode without the visual labels (captioner.grounding): the decoder alone",
+    )
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--format", choices=["text", "jsonl"], default="text")
     c.add_argument(
@@ -117,6 +123,12 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--beam-size", type=int, nargs="+", default=[3], help="one or more, e.g. 1 3 5")
     v.add_argument("--length-penalty", type=float, default=None, help="default: the model's own")
     v.add_argument("--no-repeat-ngram", type=int, default=None, help="block repeated n-grams (beam search)")
+    v.add_argument(
+        "--no-grounding",
+        action="store_false",
+        dest="grounding",
+        help="decode without the visual labels (captioner.grounding): the decoder alone",
+    )
     v.add_argument("--batch-size", type=int, default=32)
     v.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
     v.add_argument("--features", default=None, help="feature cache of the model's encoder (faster)")
@@ -274,6 +286,7 @@ def _caption(args: argparse.Namespace) -> int:
         no_repeat_ngram=args.no_repeat_ngram,
         temperature=args.temperature,
         top_p=args.top_p,
+        grounding=args.grounding,
     )
     return caption_paths(
         args.paths,
@@ -295,7 +308,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         split=args.split,
         model=args.model,
         beam_sizes=args.beam_size,
-        options=GenerationOptions(length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram),
+        options=GenerationOptions(
+            length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram, grounding=args.grounding
+        ),
         batch_size=args.batch_size,
         limit=args.limit,
         features=args.features,

@@ -25,6 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "max_length": None,  # the vocabulary's: the longest caption the model was trained on
     "temperature": None,  # None: search (greedy or beam); a number: sample at this temperature
     "top_p": 1.0,
+    "grounding": True,
 }
 
 
@@ -37,12 +38,17 @@ class GenerationOptions:
     max_length: int | None = None  # most words in a caption
     temperature: float | None = None  # sample instead of searching
     top_p: float | None = None  # nucleus sampling: keep the most likely words up to this mass
+    grounding: bool | None = (
+        None  # follow the visual labels (`captioner.grounding`); False: the decoder alone
+    )
 
     def __post_init__(self) -> None:
         for name in ("beam_size", "n_best", "no_repeat_ngram", "max_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ConfigError(f"{name} must be a whole number, got {value!r}")
+        if self.grounding is not None and not isinstance(self.grounding, bool):
+            raise ConfigError(f"grounding must be true or false, got {self.grounding!r}")
         for name in ("length_penalty", "temperature", "top_p"):
             value = getattr(self, name)
             if value is None:

@@ -216,7 +216,7 @@ _IRREGULAR = {
 }
 
 
-def _plural(name: str) -> str:
+def plural(name: str) -> str:
     head, _, last = name.rpartition(" ")
     if last in _IRREGULAR:
         last = _IRREGULAR[last]
@@ -233,7 +233,7 @@ def _build_lookup() -> dict[tuple[str, ...], str]:
     lookup: dict[tuple[str, ...], str] = {}
     for category, names in SYNONYMS.items():
         for name in names:
-            for form in (name, _plural(name)):
+            for form in (name, plural(name)):
                 lookup.setdefault(tuple(form.split()), category)
     return lookup
 

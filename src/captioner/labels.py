@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 TABLE = Path(__file__).with_name("imagenet_words.tsv")
+PROBES = Path(__file__).with_name("probes")  # <encoder>.safetensors: probes for words ImageNet lacks
 TOP_K = 5  # labels reported per image
 MIN_P = 0.02  # a label below this probability is noise, not something seen
 
@@ -57,7 +58,7 @@ class LabelHead:
     Not an nn.Module on purpose: the classifier stays the backbone's own layer (it moves with the
     encoder), and a checkpoint's weights never gain a copy of it."""
 
-    def __init__(self, classifier: nn.Linear):
+    def __init__(self, classifier: nn.Linear, probes: dict[str, nn.Linear] | None = None):
         names, words = imagenet_words()
         if classifier.out_features != len(names):
             raise ValueError(f"an ImageNet head has {len(names)} classes, not {classifier.out_features}")
@@ -67,14 +68,24 @@ class LabelHead:
         fold = torch.zeros(len(names), len(self.words))
         fold[torch.arange(len(names)), torch.tensor([column[w] for w in words])] = 1.0
         self.classifier, self.fold = classifier, fold
+        # words ImageNet has no class for ("person"): one logistic probe each, columns after the table's
+        self.probes = dict(probes or {})
+        self.words += list(self.probes)
 
     @torch.no_grad()
     def __call__(self, pooled: torch.Tensor) -> torch.Tensor:
         weight = self.classifier.weight
-        probs = self.classifier(pooled.to(weight.device, weight.dtype)).softmax(-1)
+        x = pooled.to(weight.device, weight.dtype)
+        probs = self.classifier(x).softmax(-1)
         if self.fold.device != probs.device:
             self.fold = self.fold.to(probs.device)
-        return probs @ self.fold
+        folded = probs @ self.fold
+        if not self.probes:
+            return folded
+        for word, probe in self.probes.items():  # not a module: the probes do not move with the model
+            if probe.weight.device != x.device:
+                self.probes[word] = probe.to(x.device)
+        return torch.cat([folded, *(probe(x).sigmoid() for probe in self.probes.values())], dim=1)
 
     def word_index(self, word: str) -> int | None:
         try:
@@ -83,8 +94,11 @@ class LabelHead:
             return None
 
     def top(self, word_probs: torch.Tensor, k: int = TOP_K, min_p: float = MIN_P) -> list[list[Label]]:
-        """The k most probable words of each image, at least `min_p` each, most probable first."""
-        values, index = word_probs.float().cpu().topk(min(k, word_probs.shape[1]), dim=1)
+        """The k most probable words of each image, at least `min_p` each, most probable first. Only the
+        ImageNet words: a probe's probability is for grounding's vetoes (a low one is informative), and
+        away from its training photos it can be high for nothing (the person probe gives a cat 0.99)."""
+        table = word_probs[:, : len(self.words) - len(self.probes)]
+        values, index = table.float().cpu().topk(min(k, table.shape[1]), dim=1)
         return [
             [
                 Label(self.words[i], float(p))
@@ -119,4 +133,26 @@ def label_head(encoder: Any, finetuned: bool) -> tuple[LabelHead | None, str | N
     classifier = find_classifier(encoder.backbone)
     if classifier is None:
         return None, f"encoder {encoder.name!r} has no ImageNet classifier on its pooled features"
-    return LabelHead(classifier), None
+    return LabelHead(classifier, load_probes(encoder)), None
+
+
+def load_probes(encoder: Any) -> dict[str, nn.Linear]:
+    """The encoder's word probes (scripts/train_label_probe.py), if any were trained for its name and
+    preprocessing; the probe for a word reads the pooled features and gives P(word applies)."""
+    path = PROBES / f"{encoder.name}.safetensors"
+    if not path.exists():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        pre = encoder.preprocess
+        if meta.get("resize") != pre.resize or meta.get("size") != str(pre.size):
+            return {}  # trained on differently prepared images: its features are not the probe's
+        probes = {}
+        for word in meta.get("words", "").split(","):
+            weight = f.get_tensor(f"{word}.weight")
+            linear = nn.Linear(weight.shape[1], weight.shape[0])
+            linear.load_state_dict({"weight": weight, "bias": f.get_tensor(f"{word}.bias")})
+            probes[word] = linear.eval()
+    return probes

@@ -37,6 +37,7 @@ from captioner.decoding import Hypothesis, WithoutWords, beam_search, greedy, sa
 from captioner.encoders import Encoder, create_encoder
 from captioner.errors import CheckpointError
 from captioner.generation import GenerationOptions
+from captioner.grounding import Grounded, GroundingPlan, GroundingSettings
 from captioner.images import Preprocess, build_transform, load_image
 from captioner.labels import Label, label_head
 from captioner.vocab import Vocabulary
@@ -243,7 +244,10 @@ class Captioner(nn.Module):
         o = GenerationOptions.of(options, **kwargs).over(self.generation)
         v = self.vocab
         ids = {"start_id": v.start_id, "end_id": v.end_id, "max_length": o.max_length or v.max_length}
-        decoder = WithoutWords(self.decoder, [v.pad_id, v.start_id, v.unk_id])
+        decoder: Any = self.decoder  # the nn.Module, or it wrapped (any object with init_state and step)
+        if o.value("grounding") and self.label_head is not None:
+            decoder = Grounded(decoder, self.grounding_plan(), self.label_head(pooled))
+        decoder = WithoutWords(decoder, [v.pad_id, v.start_id, v.unk_id])
         beam_size, n_best = o.value("beam_size"), o.value("n_best")
         if o.temperature is not None:
             return [
@@ -264,6 +268,16 @@ class Captioner(nn.Module):
             no_repeat_ngram=o.value("no_repeat_ngram"),
             **ids,
         )
+
+    def grounding_plan(self) -> GroundingPlan:
+        """The vocabulary ids grounded decoding moves (built on first use: it depends only on the model)."""
+        plan = getattr(self, "_grounding_plan", None)
+        if plan is None:
+            assert self.label_head is not None
+            plan = self._grounding_plan = GroundingPlan(
+                self.label_head, self.vocab.words, GroundingSettings()
+            )
+        return plan
 
     @torch.inference_mode()
     def caption_tensors(

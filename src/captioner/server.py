@@ -231,10 +231,13 @@ def create_app(
         n_best_form: Annotated[int | None, Form(alias="n_best", ge=1, le=MAX_BEAM)] = None,
         beam_size: Annotated[int | None, Query(ge=1, le=MAX_BEAM)] = None,
         n_best: Annotated[int | None, Query(ge=1, le=MAX_BEAM)] = None,
+        grounding_form: Annotated[bool | None, Form(alias="grounding")] = None,
+        grounding: Annotated[bool | None, Query()] = None,
     ) -> dict:
         """Caption one image: the caption, the n best with scores, timings and, for attention models, the
         attention of each word over the grid. beam_size (default 3) and n_best (default min(3, beam_size))
-        may come as form fields or query parameters."""
+        may come as form fields or query parameters, and so may grounding (default true: follow the visual
+        labels; false: the decoder alone)."""
         beams = beam_size_form or beam_size or 3
         best = n_best_form or n_best or min(3, beams)
         if best > beams:
@@ -243,6 +246,8 @@ def create_app(
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise HTTPException(413, too_large(max_upload_bytes))
+        grounded = grounding_form if grounding_form is not None else grounding
+        options = GenerationOptions(beam_size=beams, n_best=best, grounding=grounded)
         t0 = time.perf_counter()
         try:
             image = await run_in_threadpool(prepare, data, filename)
@@ -251,7 +256,7 @@ def create_app(
             raise HTTPException(415 if unsupported else 422, str(e)) from None
         preprocess_ms = (time.perf_counter() - t0) * 1000
         try:
-            result, timing = await batcher.caption(image, GenerationOptions(beam_size=beams, n_best=best))
+            result, timing = await batcher.caption(image, options)
         except Exception as e:
             raise HTTPException(500, f"{filename}: captioning failed ({type(e).__name__}: {e})") from None
         ms = {"preprocess_ms": preprocess_ms, "queue_ms": timing["queue_ms"], "model_ms": timing["model_ms"]}
@@ -260,6 +265,7 @@ def create_app(
             **result.to_json(detail=True),
             "beam_size": beams,
             "n_best": best,
+            "grounding": options.value("grounding"),
             "batch_size": timing["batch_size"],
             "timing": {k: round(v, 2) for k, v in ms.items()},
         }

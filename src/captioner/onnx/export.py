@@ -81,6 +81,8 @@ def export_onnx(model: Captioner, out: str | os.PathLike) -> Path:
             if model.label_head is not None:
                 linear = model.label_head.classifier
                 tensors = {"weight": linear.weight, "bias": linear.bias}
+                for word, probe in model.label_head.probes.items():
+                    tensors |= {f"{word}.weight": probe.weight, f"{word}.bias": probe.bias}
                 save_file(
                     {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, tmp / LABELS
                 )

@@ -55,9 +55,15 @@ def load_label_head(path: Path) -> LabelHead:
     from safetensors.torch import load_file
 
     tensors = load_file(path)
-    linear = torch.nn.Linear(tensors["weight"].shape[1], tensors["weight"].shape[0])
-    linear.load_state_dict(tensors)
-    return LabelHead(linear.eval())
+
+    def linear(prefix: str) -> torch.nn.Linear:
+        weight = tensors[f"{prefix}weight"]
+        layer = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        layer.load_state_dict({"weight": weight, "bias": tensors[f"{prefix}bias"]})
+        return layer.eval()
+
+    words = sorted({k.split(".")[0] for k in tensors if "." in k})  # the word probes ("person.weight")
+    return LabelHead(linear(""), {w: linear(f"{w}.") for w in words})
 
 
 class OnnxEncoder:
@@ -152,5 +158,6 @@ class OnnxCaptioner:
         return self
 
     generate = Captioner.generate
+    grounding_plan = Captioner.grounding_plan
     caption_tensors = Captioner.caption_tensors
     caption = Captioner.caption

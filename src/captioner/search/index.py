@@ -27,7 +27,8 @@ from captioner.search.likelihood import query_log_likelihood
 if TYPE_CHECKING:
     from captioner.model import Captioner
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: visual labels (a column and an FTS5 field)
+LABEL_MIN_P = 0.1  # labels at least this probable are searchable words: below, mostly noise
 RERANK = 100  # how many of the caption signals' best candidates the captioner re-ranks (at least top_k)
 # Words nearly every caption has: in an OR query they would "match" every photo and add only noise.
 STOPWORDS = frozenset("a an the of in on at to and or with is are it its this that by for from".split())
@@ -41,12 +42,14 @@ CREATE TABLE IF NOT EXISTS photos (
     mtime REAL NOT NULL,
     caption TEXT,               -- the best caption (NULL when error)
     captions TEXT,              -- JSON: the n best [{"caption", "score"}], best first
+    labels TEXT,                -- JSON: the encoder's visual labels [{"label", "p"}] (captioner.labels)
     embedding BLOB,             -- float32, L2-normalised: see _store_many
     features BLOB,              -- float16: the encoder's pooled features, then its grid, for P(query | photo)
     error TEXT                  -- why this photo has no caption
 );
--- rowid = photos.id; porter stemming so "dogs running" matches "a dog runs"
-CREATE VIRTUAL TABLE IF NOT EXISTS captions_fts USING fts5(captions, tokenize = 'porter unicode61');
+-- rowid = photos.id; porter stemming so "dogs running" matches "a dog runs"; a query matches either
+-- the captions or the labels, so "a pizza on a table" finds the pizza that the caption got wrong
+CREATE VIRTUAL TABLE IF NOT EXISTS captions_fts USING fts5(captions, labels, tokenize = 'porter unicode61');
 """
 
 
@@ -251,19 +254,33 @@ class PhotoIndex:
                     mean = np.mean([next(vectors) for _ in captions], axis=0)
                     embedding = (mean / (np.linalg.norm(mean) or 1.0)).astype("<f4").tobytes()
                 caption, nbest_json = result.get("caption"), json.dumps(captions) if captions else None
+                labels = result.get("labels") or []
                 features = None
                 if result.get("features") is not None:
                     pooled, grid = (np.asarray(t, dtype="<f2").ravel() for t in result["features"])
                     features = np.concatenate([pooled, grid]).tobytes()
                 rowid = self._conn.execute(
-                    "INSERT INTO photos (path, root, size, mtime, caption, captions, embedding, features, "
-                    "error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (path, root, size, mtime, caption, nbest_json, embedding, features, result.get("error")),
+                    "INSERT INTO photos (path, root, size, mtime, caption, captions, labels, embedding, "
+                    "features, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        path,
+                        root,
+                        size,
+                        mtime,
+                        caption,
+                        nbest_json,
+                        json.dumps(labels) if captions else None,
+                        embedding,
+                        features,
+                        result.get("error"),
+                    ),
                 ).lastrowid
                 if captions:
                     text = "\n".join(c["caption"] for c in captions)
+                    words = "\n".join(x["label"] for x in labels if x["p"] >= LABEL_MIN_P)
                     self._conn.execute(
-                        "INSERT INTO captions_fts (rowid, captions) VALUES (?, ?)", (rowid, text)
+                        "INSERT INTO captions_fts (rowid, captions, labels) VALUES (?, ?, ?)",
+                        (rowid, text, words),
                     )
 
     def _delete(self, path: str) -> None:
@@ -283,12 +300,13 @@ class PhotoIndex:
         semantic: float = 1.0,
         keyword: float = KEYWORD_WEIGHT,
         rerank: bool = True,
+        labels: bool = True,
     ) -> list[SearchHit]:
-        """`search` with other weights: 0 turns a signal off (keyword alone ranks only the matches), and
-        rerank=False leaves out the captioner's second stage."""
+        """`search` with other weights: 0 turns a signal off (keyword alone ranks only the matches),
+        rerank=False leaves out the captioner's second stage, labels=False the labels' keywords."""
         with self._lock:
             ids, paths, captions, matrix = self._photos()
-            matches = self._keyword_ranks(query) if keyword else {}
+            matches = self._keyword_ranks(query, labels) if keyword else {}
         if not ids or top_k <= 0:
             return []
         similarity = matrix @ embed([query])[0]
@@ -338,12 +356,15 @@ class PhotoIndex:
             self._cache = (version, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], matrix)
         return self._cache[1:]
 
-    def _keyword_ranks(self, query: str) -> dict[int, int]:
-        """FTS5 rank (1 = best bm25) of each photo whose n-best captions contain any word of the query."""
+    def _keyword_ranks(self, query: str, labels: bool = True) -> dict[int, int]:
+        """FTS5 rank (1 = best bm25) of each photo whose n-best captions (or labels) contain any word of
+        the query."""
         words = [w for w in re.findall(r"\w+", query.lower()) if w not in STOPWORDS]
         if not words:
             return {}
         match = " OR ".join(f'"{w}"' for w in words)  # quoted: the user's text is never FTS5 syntax
+        if not labels:
+            match = f"captions : ({match})"
         rows = self._conn.execute(
             "SELECT rowid FROM captions_fts WHERE captions_fts MATCH ? ORDER BY bm25(captions_fts)", (match,)
         )

@@ -140,6 +140,18 @@ function showResult(body) {
     li.append(alt.caption, score);
     list.append(li);
   }
+  const labels = $("labels");
+  labels.replaceChildren();
+  for (const label of body.labels || []) {
+    const li = document.createElement("li");
+    li.textContent = `${label.label} ${Math.round(label.p * 100)}%`;
+    labels.append(li);
+  }
+  if (!labels.children.length) {
+    const li = document.createElement("li");
+    li.textContent = "no labels: this model's encoder has no ImageNet classifier";
+    labels.append(li);
+  }
   const t = body.timing;
   $("timing").textContent =
     `Took ${Math.round(t.total_ms)} ms: preprocessing ${Math.round(t.preprocess_ms)}, waiting ` +
