@@ -152,6 +152,34 @@ def test_search_ranks_by_meaning_and_keywords(stored):
         assert index.search("the a of", 2)[0].keyword == 0 and index.search("dog", 0) == []
 
 
+def test_the_labels_are_searchable_words(tmp_path):
+    """A photo whose caption is wrong is found by what its encoder saw, and only labels >= 0.1 count."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rows = {
+        "food": (
+            "a dog is running in the grass",
+            [{"label": "pizza", "p": 0.62}, {"label": "plate", "p": 0.05}],
+        ),
+        "street": ("a man is riding a bike", [{"label": "bicycle", "p": 0.4}]),
+    }
+    with PhotoIndex(tmp_path / "photos.sqlite", create=True) as index:
+        for name, (caption, labels) in rows.items():
+            result = {"caption": caption, "score": -1.0, "captions": [{"caption": caption, "score": -1.0}]}
+            index._store(str(folder / f"{name}.jpg"), 1, 1.0, result | {"labels": labels}, root=str(folder))
+        hits = index._rank("a pizza on a table", 2, semantic=0.0, keyword=1.0, rerank=False)
+        assert [Path(h.path).stem for h in hits] == ["food"]
+        assert (
+            index._rank("a pizza on a table", 2, semantic=0.0, keyword=1.0, rerank=False, labels=False) == []
+        )
+        assert index._rank("a plate", 2, semantic=0.0, keyword=1.0, rerank=False) == []  # 0.05: noise
+        assert Path(index.search("a pizza", 1)[0].path).stem == "food"  # and in the default ranking
+        stored = json.loads(
+            index._conn.execute("SELECT labels FROM photos WHERE path LIKE '%food.jpg'").fetchone()[0]
+        )
+        assert stored == rows["food"][1]
+
+
 def test_lookup_serves_only_indexed_paths(stored, tmp_path):
     folder = stored.parent / "photos"
     secret = tmp_path / "secret.jpg"
