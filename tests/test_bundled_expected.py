@@ -1,9 +1,9 @@
 """The bundled models caption the example photos exactly as recorded (tests/expected/bundled_captions.json).
 
-The file was written by the release that trained them, for the decoder alone (`grounding=False`); any
-change to loading, preprocessing or decoding that alters a caption, or moves a score by more than float
-rounding, fails here. "beam3-grounded" was recorded when grounded decoding (captioner.grounding) became
-the default, and pins it the same way.
+The file was written by the release that trained them, for the decoder alone (`grounding=False`,
+`whole_phrases=False`); any change to loading, preprocessing or decoding that alters a caption, or moves a
+score by more than float rounding, fails here. "beam3-grounded" pins the default decoding (grounded, whole
+phrases) the same way; it was re-recorded when borrowed label words and whole phrases joined it.
 """
 
 import json
@@ -17,8 +17,8 @@ ROOT = Path(__file__).parents[1]
 EXPECTED = json.loads((ROOT / "tests" / "expected" / "bundled_captions.json").read_text())
 EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
 OPTIONS = {
-    "beam1": {"beam_size": 1, "grounding": False},
-    "beam3": {"beam_size": 3, "n_best": 3, "grounding": False},
+    "beam1": {"beam_size": 1, "grounding": False, "whole_phrases": False},
+    "beam3": {"beam_size": 3, "n_best": 3, "grounding": False, "whole_phrases": False},
     "beam3-grounded": {"beam_size": 3, "n_best": 3},
 }
 

@@ -154,3 +154,45 @@ def test_no_repeated_ngrams():
 
     assert sum(repeats(h[0].tokens) for h in plain) > 0  # without blocking this model repeats itself
     assert all(repeats(h[0].tokens) == 0 for h in blocked)
+
+
+class EndsMidPhrase:
+    """A language model that says "a man sits on a red" and would rather stop there (P(<end>) 0.9 after
+    "on", "a" and "red"); "ball" is its only other word after "red"."""
+
+    WORDS = ["<pad>", "<start>", "<end>", "a", "man", "sits", "on", "red", "ball"]
+    SCRIPT = ["a", "man", "sits", "on", "a", "red", "ball"]
+
+    def init_state(self, pooled, grid):
+        return {"t": torch.zeros(pooled.shape[0], dtype=torch.long)}
+
+    def step(self, tokens, state):
+        t = int(state["t"][0])
+        lp = torch.full((tokens.shape[0], len(self.WORDS)), -30.0)
+        lp[:, self.WORDS.index(self.SCRIPT[min(t, 6)])] = torch.tensor(0.1).log()
+        lp[:, END] = torch.tensor(0.9 if t >= 4 else 0.0001).log()
+        return lp.log_softmax(-1), {"t": state["t"] + 1}, None
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_whole_phrases_never_end_on_a_function_word_or_an_open_article(beam):
+    from captioner.decoding import WholePhrases
+
+    pooled, grid = torch.zeros(1, D), torch.zeros(1, 9, D)
+    words = EndsMidPhrase.WORDS
+
+    def caption(decoder):
+        kw = {"start_id": START, "end_id": END, "max_length": 10}
+        hyp = (
+            greedy(decoder, pooled, grid, **kw)[0]
+            if beam == 1
+            else beam_search(decoder, pooled, grid, beam_size=beam, **kw)[0][0]
+        )
+        return " ".join(words[t] for t in hyp.tokens)
+
+    assert caption(EndsMidPhrase()) == "a man sits on"  # the model alone stops mid-phrase
+    assert caption(WholePhrases(EndsMidPhrase(), words, END)) == "a man sits on a red ball"
+    # the forced <end> of the last step still ends a caption that never finds its noun
+    kw = {"start_id": START, "end_id": END, "max_length": 5}
+    hyp = greedy(WholePhrases(EndsMidPhrase(), words, END), pooled, grid, **kw)[0]
+    assert [words[t] for t in hyp.tokens] == ["a", "man", "sits", "on", "a"]

@@ -49,7 +49,21 @@ def test_label_head_sums_class_probabilities_per_word():
 
 # --- grounded decoding, on a decoder whose every step prefers the same words ---
 
-WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "dogs", "cat", "man", "pizza", "on", "grass"]
+WORDS = [
+    "<pad>",
+    "<start>",
+    "<end>",
+    "<unk>",
+    "a",
+    "dog",
+    "dogs",
+    "cat",
+    "man",
+    "pizza",
+    "on",
+    "grass",
+    "plate",
+]
 ID = {w: i for i, w in enumerate(WORDS)}
 
 
@@ -98,7 +112,8 @@ def decode(q: torch.Tensor | None, settings: GroundingSettings | None = None, be
         hyp = greedy(wrapped, pooled, grid, **ids)[0]
     else:
         hyp = beam_search(wrapped, pooled, grid, beam_size=beam, **ids)[0][0]
-    return " ".join(WORDS[t] for t in hyp.tokens), decoder.fed
+    words = WORDS + (wrapped.decoder.plan.extra_words if q is not None else [])
+    return " ".join(words[t] for t in hyp.tokens), decoder.fed
 
 
 @pytest.mark.parametrize("beam", [1, 3])
@@ -123,6 +138,34 @@ def test_a_confident_animal_borrows_the_dogs_place(beam):
     assert any(ID["dog"] in step for step in fed) and not any(ID["cat"] in step for step in fed)
 
 
+@pytest.mark.parametrize("beam", [1, 3])
+def test_with_no_animal_a_present_object_takes_the_dogs_place(beam):
+    caption, fed = decode(word_probs(dog=0.02, plate=0.4), beam=beam)
+    assert caption == "a plate on grass"  # the decoder's own next choice would be "pizza"
+    assert [step for step in fed if ID["plate"] in step]  # an object is fed as itself
+    alone = decode(word_probs(dog=0.02, plate=0.4), GroundingSettings(objects_borrow=False))[0]
+    assert alone == "a pizza on grass"
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_a_label_the_vocabulary_lacks_borrows_a_known_words_place(beam):
+    plan = GroundingPlan(head(), WORDS, GroundingSettings())
+    assert "zebra" in plan.extra_words and "microwave" in plan.extra_words
+    assert "parking meter" not in plan.extra_words  # none of its hosts is in this vocabulary
+    assert "pizza" not in plan.extra_words and "person" not in plan.extra_words
+    # an animal takes the dog's place, fed as "dog"
+    caption, fed = decode(word_probs(dog=0.02, zebra=0.9), beam=beam)
+    assert caption == "a zebra on grass" and any(ID["dog"] in step for step in fed)
+    assert all(t < len(WORDS) for step in fed for t in step)  # the decoder is only fed words it knows
+    # an object where the dog is, fed as its host: the nearest label word the vocabulary has
+    host = WORDS[int(plan.hosts[plan.extra_words.index("microwave")])]
+    assert host == "pizza"  # label_hosts.tsv: microwave -> stove, bowl, radio, coffee, pepper, pizza
+    assert decode(word_probs(dog=0.02, microwave=0.9), beam=beam)[0] == "a microwave on grass"
+    # an unconfident label the vocabulary lacks is never said
+    for q in (word_probs(dog=0.8, zebra=0.2), word_probs(dog=0.8, microwave=0.2)):
+        assert decode(q, beam=beam)[0] == "a dog on grass"
+
+
 def test_a_confident_label_gets_its_word_once():
     caption, _ = decode(word_probs(dog=0.8, pizza=0.9))
     assert caption.split().count("pizza") == 1
@@ -138,7 +181,7 @@ def test_grounding_with_the_captioner_switch(tiny_model, tiny_data):
     plain = model.caption(paths, grounding=False)
     grounded = model.caption(paths)  # on by default
     assert all(c.labels for c in grounded) and [c.labels for c in plain] == [c.labels for c in grounded]
-    assert all(c.caption for c in grounded)
+    assert all(c.caption == " ".join(c.words) for c in grounded)
     # switched off, decoding is the decoder's alone: what a model without a label head decodes
     pooled = torch.stack([c.features[0] for c in plain])
     grid = torch.stack([c.features[1] for c in plain])

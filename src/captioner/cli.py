@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
         dest="grounding",
         help="decode without the visual labels (captioner.grounding): the decoder alone",
     )
+    c.add_argument(
+        "--allow-mid-phrase-end",
+        action="store_false",
+        dest="whole_phrases",
+        help='let a caption end mid-phrase ("playing in the"); by default <end> waits for the noun',
+    )
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--format", choices=["text", "jsonl"], default="text")
     c.add_argument(
@@ -128,6 +134,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         dest="grounding",
         help="decode without the visual labels (captioner.grounding): the decoder alone",
+    )
+    v.add_argument(
+        "--allow-mid-phrase-end",
+        action="store_false",
+        dest="whole_phrases",
+        help='let a caption end mid-phrase ("playing in the"); by default <end> waits for the noun',
     )
     v.add_argument("--batch-size", type=int, default=32)
     v.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
@@ -287,6 +299,7 @@ def _caption(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         grounding=args.grounding,
+        whole_phrases=args.whole_phrases,
     )
     return caption_paths(
         args.paths,
@@ -309,7 +322,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         model=args.model,
         beam_sizes=args.beam_size,
         options=GenerationOptions(
-            length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram, grounding=args.grounding
+            length_penalty=args.length_penalty,
+            no_repeat_ngram=args.no_repeat_ngram,
+            grounding=args.grounding,
+            whole_phrases=args.whole_phrases,
         ),
         batch_size=args.batch_size,
         limit=args.limit,

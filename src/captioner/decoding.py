@@ -36,6 +36,57 @@ class WithoutWords:
         return log_probs.log_softmax(-1), state, alpha
 
 
+# Words a caption cannot end on: it would stop mid-phrase ("two boys are playing in the").
+FUNCTION_WORDS = (
+    "a an the in on of with and at to for from by into onto through under near across along around "
+    "behind beside between is are his her their its or while as that who which"
+).split()
+ARTICLES = ("a", "an", "the")
+# Words that may stand between an article and its noun: "a large brown and white" has no noun yet.
+MODIFIERS = (
+    "and black white brown red blue green yellow orange pink purple grey gray tan dark light large small "
+    "big little young old tall long short wet muddy fluffy furry striped spotted"
+).split()
+
+
+class WholePhrases:
+    """A decoder that does not end a caption mid-phrase: <end> loses `penalty` nats right after a
+    function word ("playing in the") and after an article whose noun has not come ("sitting on a red").
+    Self-critical training and grounded decoding both make such endings; a finite penalty (not -inf)
+    leaves the forced <end> of the last step possible. The open phrase is a state the beams carry.
+    Nor does it say a word twice in a row ("a dog is is running"), which no caption needs."""
+
+    KEY = "phrase.open"
+
+    def __init__(self, decoder, words: list[str], end_id: int, penalty: float = 20.0):
+        self.decoder, self.end_id, self.penalty = decoder, end_id, penalty
+        index = {w: i for i, w in enumerate(words)}
+        self.function, self.articles, self.modifiers = (
+            torch.tensor([index[w] for w in group if w in index], dtype=torch.long)
+            for group in (FUNCTION_WORDS, ARTICLES, MODIFIERS)
+        )
+        self.static_state = getattr(decoder, "static_state", ())
+
+    def init_state(self, pooled: torch.Tensor, grid: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = self.decoder.init_state(pooled, grid)
+        return {**state, self.KEY: torch.zeros(pooled.shape[0], dtype=torch.bool, device=pooled.device)}
+
+    def step(self, tokens: torch.Tensor, state: dict[str, torch.Tensor]):
+        inner = {k: v for k, v in state.items() if k != self.KEY}
+        log_probs, new, alpha = self.decoder.step(tokens, inner)
+        if self.function.device != tokens.device:
+            self.function, self.articles, self.modifiers = (
+                t.to(tokens.device) for t in (self.function, self.articles, self.modifiers)
+            )
+        opened = torch.isin(tokens, self.articles) | (state[self.KEY] & torch.isin(tokens, self.modifiers))
+        dangling = opened | torch.isin(tokens, self.function)
+        log_probs = log_probs.clone()
+        log_probs[:, self.end_id] -= torch.where(dangling, self.penalty, 0.0)
+        again = tokens.clamp(max=log_probs.shape[1] - 1).unsqueeze(1)  # (<start> is never said twice)
+        log_probs.scatter_add_(1, again, torch.full_like(again, -self.penalty, dtype=log_probs.dtype))
+        return log_probs.log_softmax(-1), {**new, self.KEY: opened}, alpha
+
+
 def length_penalty(length: torch.Tensor, alpha: float) -> torch.Tensor:
     """GNMT length penalty ((5 + n) / 6) ** alpha; alpha = 0 ranks by raw log-probability."""
     return ((5.0 + length.float()) / 6.0) ** alpha

@@ -59,7 +59,7 @@ def decode(
     with torch.inference_mode():
         for s in range(0, pooled.shape[0], batch_size):
             chunk = pooled[s : s + batch_size].to(model.device), grid[s : s + batch_size].to(model.device)
-            captions.extend(model.vocab.decode(h[0].tokens) for h in model.generate(*chunk, options))
+            captions.extend(model.decode(h[0].tokens) for h in model.generate(*chunk, options))
     return captions
 
 

@@ -26,6 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "temperature": None,  # None: search (greedy or beam); a number: sample at this temperature
     "top_p": 1.0,
     "grounding": True,
+    "whole_phrases": True,
 }
 
 
@@ -41,14 +42,17 @@ class GenerationOptions:
     grounding: bool | None = (
         None  # follow the visual labels (`captioner.grounding`); False: the decoder alone
     )
+    whole_phrases: bool | None = None  # never end mid-phrase ("playing in the"): decoding.WholePhrases
 
     def __post_init__(self) -> None:
         for name in ("beam_size", "n_best", "no_repeat_ngram", "max_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ConfigError(f"{name} must be a whole number, got {value!r}")
-        if self.grounding is not None and not isinstance(self.grounding, bool):
-            raise ConfigError(f"grounding must be true or false, got {self.grounding!r}")
+        for name in ("grounding", "whole_phrases"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"{name} must be true or false, got {value!r}")
         for name in ("length_penalty", "temperature", "top_p"):
             value = getattr(self, name)
             if value is None:

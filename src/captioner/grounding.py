@@ -14,10 +14,17 @@ sampling) looks at them. Three moves, each measured on coco-mini and Flickr8k de
   head's person probe (`captioner.labels.load_probes`) is below `person_absent`. The classifier misses
   most of Flickr8k's cats, horses and balls one by one, so those words are never ruled out on their own.
 - **Borrowed words** (Hendricks et al. 2016, "Deep compositional captioning"): where the dog is
-  contradicted but another animal is confident (probability >= `present`), that animal's word borrows
-  the dog's place: it is scored with the dog's log-probability as well as its own, and the decoder is
-  fed "dog" when it says it, so "a white dog is running through the grass" becomes "a white sheep is
-  running through the grass". The decoder knows how dogs appear in a sentence; that is what it lends.
+  contradicted, the most probable animal (probability >= `present`) borrows the dog's place: it is
+  scored with the dog's log-probability as well as its own, and the decoder is fed "dog" when it says
+  it, so "a white dog is running through the grass" becomes "a white sheep is running through the
+  grass". With no animal there, the most probable object takes the place instead, fed as itself ("a
+  brown and white" stops waiting for its dog and ends "a brown plate ..."). The decoder knows how dogs
+  appear in a sentence; that is what it lends.
+- **Words the decoder never learned.** A label word outside the vocabulary ("zebra", "microwave",
+  "parking meter") gets an extra id after the vocabulary's, fed to the decoder as a word it knows (its
+  host): the dog for an animal, else the nearest label word by meaning (`label_hosts.tsv`, from the
+  MiniLM model the project ships). It is scored as its host and can be said only where its label is
+  confident (with the bonus below) or it takes the dog's place; `Captioner.words` spells it out.
 - **A bonus for a confident label's word** (probability >= `confident`): `bonus` nats on the word and its
   plural until the caption has said one of them once; a soft form of constrained beam search (Anderson
   et al. 2017). The beams still rank by the model's own score plus the bonus, so the word goes where the
@@ -34,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from captioner.hallucination import SYNONYMS, plural
-from captioner.labels import LabelHead, imagenet_words
+from captioner.labels import LabelHead, imagenet_words, label_hosts
 
 ANIMAL_CLASSES = 398  # ImageNet-1k classes 0..397 are animals, fish to primates
 COCO_ANIMALS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe")
@@ -46,8 +53,9 @@ class GroundingSettings:
     absent: float = 0.1  # a contradictable word (or all animals together) this improbable is not
     penalty: float = 8.0  # nats taken off a contradicted word
     bonus: float = 3.0  # nats added to a confident label's word until the caption says it (0: off)
-    confident: float = 0.5  # how probable a label must be for the bonus
+    confident: float = 0.6  # how probable a label must be for the bonus
     person_absent: float = 0.05  # the person probe below this: no person words
+    objects_borrow: bool = True  # with no animal to take it, a present object takes the dog's place
 
 
 def _forms(word: str) -> tuple[str, str]:
@@ -81,26 +89,42 @@ class GroundingPlan:
             self.person_column = head.word_index("person")
         # label words the vocabulary can say in one token: (label column, ids of the word and its plural)
         probed = set(getattr(head, "probes", {}))  # the decoder's own words ("person"): never a bonus
-        self.sayable = [
-            (c, ids(_forms(w)))
-            for c, w in enumerate(head.words)
-            if " " not in w and w in index and w not in probed
-        ]
-        # animals that can take the dog's place: (label column, [(a form's id, the dog form it borrows)])
+        known = {c: w for c, w in enumerate(head.words) if w not in probed}
+        one_token = {c: w for c, w in known.items() if " " not in w and w in index}
+        self.sayable = [(c, ids(_forms(w))) for c, w in one_token.items()]
+        # label words it cannot say get extra ids after the vocabulary's, each fed as a word it knows
+        # (its host): every animal the dog, an object the nearest label word it knows (label_hosts.tsv)
+        table = label_hosts()
+        self.extra_words, hosts, extra_columns = [], [], []
+        for c, w in known.items():
+            if c in one_token or "dog" not in index:
+                continue
+            host = "dog" if w in animal_words else next((h for h in table.get(w, ()) if h in index), None)
+            if host is not None:
+                self.extra_words.append(w)
+                hosts.append(index[host])
+                extra_columns.append(c)
+        self.size = len(words) + len(self.extra_words)
+        self.hosts = torch.tensor(hosts, dtype=torch.long)
+        extra = {c: len(words) + j for j, c in enumerate(extra_columns)}
+        self.sayable += [(c, [i]) for c, i in extra.items()]
+
+        def dog_place(c: int, w: str) -> list[tuple[int, int]]:  # (a form's id, the dog form it borrows)
+            if c in extra:
+                return [(extra[c], index["dog"])]
+            return [
+                (index[f], index[d]) for f, d in zip(_forms(w), ("dog", "dogs"), strict=True) if f in index
+            ]
+
+        has_dog = "dog" in index and "dogs" in index
+        # animals that can take the dog's place, and objects that can where no animal can
+        places = {c: dog_place(c, w) for c, w in known.items() if (c in one_token or c in extra) and has_dog}
         self.borrowers = [
-            (
-                c,
-                [
-                    (index[f], index[d])
-                    for f, d in zip(_forms(w), ("dog", "dogs"), strict=True)
-                    if f in index and d in index
-                ],
-            )
-            for c, w in enumerate(head.words)
-            if w in animal_words and w != "dog" and " " not in w and w in index
+            (c, pl) for c, pl in places.items() if known[c] in animal_words and known[c] != "dog"
         ]
-        # group[id]: which sayable word a vocabulary id says (-1: none), so that "dogs" pays for "dog"
-        self.group = torch.full((len(words),), -1, dtype=torch.long)
+        self.object_borrowers = [(c, pl) for c, pl in places.items() if known[c] not in animal_words]
+        # group[id]: which sayable word an id says (-1: none), so that "dogs" pays for "dog"
+        self.group = torch.full((self.size,), -1, dtype=torch.long)
         for g, (_, i) in enumerate(self.sayable):
             self.group[i] = g
 
@@ -108,14 +132,24 @@ class GroundingPlan:
         """Per image: bonus and penalty [B, V] in nats, and `feed` [B, V]: the id the decoder is fed for
         each word (itself, or "dog" for an animal that borrowed the dog's place)."""
         s, batch, device = self.settings, word_probs.shape[0], word_probs.device
-        bonus = torch.zeros(batch, self.vocab_size, device=device)
+        bonus = torch.zeros(batch, self.size, device=device)
         penalty = torch.zeros_like(bonus)
-        feed = torch.arange(self.vocab_size, device=device).repeat(batch, 1)
+        # feed[b, i]: the id the decoder is fed after word i; lend[b, i]: the id whose log-probability
+        # word i also gets (itself: none). An extra word is fed as its host and scored as its host.
+        own = torch.arange(self.vocab_size, device=device)
+        feed = torch.cat([own, self.hosts.to(device)]).repeat(batch, 1)
+        lend = feed.clone()
+        by_object = torch.zeros_like(bonus, dtype=torch.bool)  # words an object lends the dog's place to
+        # an extra word is said only where its label is confident or it takes the dog's place
+        penalty[:, self.vocab_size :] = -torch.inf
         if s.bonus:
             for column, i in self.sayable:
                 if column == self.dog_column:  # the decoder's own best word: a bonus only moves it
                     continue
-                bonus[:, i] = torch.where(word_probs[:, column] >= s.confident, s.bonus, 0.0).unsqueeze(1)
+                sure = (word_probs[:, column] >= s.confident).unsqueeze(1)
+                bonus[:, i] = torch.where(sure, s.bonus, 0.0)
+                if i and i[0] >= self.vocab_size:
+                    penalty[:, i] = torch.where(sure, 0.0, penalty[:, i])
         if self.person_column is not None:
             nobody = word_probs[:, self.person_column] < s.person_absent
             penalty[:, self.person_ids] -= torch.where(nobody, s.penalty, 0.0).unsqueeze(1)
@@ -123,30 +157,57 @@ class GroundingPlan:
         no_animal = word_probs[:, columns].sum(1) < s.absent
         penalty[:, self.animal_ids] -= torch.where(no_animal, s.penalty, 0.0).unsqueeze(1)
         if self.dog_column is None or not self.dog_ids:
-            return {"bonus": bonus, "penalty": penalty, "feed": feed}
+            return {"bonus": bonus, "penalty": penalty, "feed": feed, "lend": lend, "by_object": by_object}
         no_dog = word_probs[:, self.dog_column] < s.absent
         penalty[:, self.dog_ids] -= torch.where(no_dog & ~no_animal, s.penalty, 0.0).unsqueeze(1)
-        for b in (no_dog & ~no_animal).nonzero(as_tuple=True)[0].tolist():
-            confident = [(float(word_probs[b, c]), pairs) for c, pairs in self.borrowers]
-            p, pairs = max(confident, default=(0.0, []), key=lambda x: x[0])
-            if p >= s.present:  # the most probable animal borrows the dog's words
+        for b in no_dog.nonzero(as_tuple=True)[0].tolist():
+            p, as_dog = 0.0, True
+            pairs: list[tuple[int, int]] = []
+            if not no_animal[b]:  # the most probable animal borrows the dog's words, fed as "dog"
+                p, pairs = max(
+                    ((float(word_probs[b, c]), pairs) for c, pairs in self.borrowers),
+                    default=(0.0, []),
+                    key=lambda x: x[0],
+                )
+            if p < s.present and s.objects_borrow:  # else the most probable object, fed as itself
+                p, pairs = max(
+                    ((float(word_probs[b, c]), pairs) for c, pairs in self.object_borrowers),
+                    default=(0.0, []),
+                    key=lambda x: x[0],
+                )
+                as_dog = False
+            if p >= s.present:
                 for form, dog_form in pairs:
-                    feed[b, form] = dog_form
-        return {"bonus": bonus, "penalty": penalty, "feed": feed}
+                    lend[b, form] = dog_form
+                    if as_dog:
+                        feed[b, form] = dog_form
+                    else:
+                        by_object[b, form] = True
+                    if form >= self.vocab_size:
+                        penalty[b, form] = 0.0
+        return {"bonus": bonus, "penalty": penalty, "feed": feed, "lend": lend, "by_object": by_object}
 
 
 class Grounded:
     """A decoder whose next-word log-probabilities follow the image's labels (see the module docstring).
 
-    The bonus left to pay is a state tensor, so beam search reorders it with the beams and each
-    hypothesis loses its bonus once it has said the word; the penalty and the feed never change."""
+    The bonus left to pay and the places still lent are state tensors, so beam search reorders them with
+    the beams: a hypothesis loses its bonus once it has said the word, and an object takes the dog's
+    place once ("a group of sled dogs" must not become "sled sleds sleds"); an animal keeps it. The
+    penalty and the feed never change."""
 
-    KEYS = {"bonus": "grounding.bonus", "penalty": "grounding.penalty", "feed": "grounding.feed"}
+    KEYS = {
+        "bonus": "grounding.bonus",
+        "penalty": "grounding.penalty",
+        "feed": "grounding.feed",
+        "lend": "grounding.lend",
+        "by_object": "grounding.by_object",
+    }
 
     def __init__(self, decoder, plan: GroundingPlan, word_probs: torch.Tensor):
         self.decoder, self.plan, self.word_probs = decoder, plan, word_probs
         self.group = plan.group
-        static = (self.KEYS["penalty"], self.KEYS["feed"])
+        static = (self.KEYS["penalty"], self.KEYS["feed"], self.KEYS["by_object"])
         self.static_state = (*getattr(decoder, "static_state", ()), *static)
 
     def init_state(self, pooled: torch.Tensor, grid: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -154,21 +215,28 @@ class Grounded:
         return {**self.decoder.init_state(pooled, grid), **{self.KEYS[k]: v for k, v in extra.items()}}
 
     def step(self, tokens: torch.Tensor, state: dict[str, torch.Tensor]):
-        bonus, penalty, feed = (state[self.KEYS[k]] for k in ("bonus", "penalty", "feed"))
+        bonus, penalty, feed, lend, by_object = (state[self.KEYS[k]] for k in self.KEYS)
         inner = {k: v for k, v in state.items() if k not in self.KEYS.values()}
         log_probs, new, alpha = self.decoder.step(feed.gather(1, tokens.unsqueeze(1)).squeeze(1), inner)
+        if self.plan.size > log_probs.shape[1]:  # the extra words: scored below as their hosts
+            pad = log_probs.new_full((log_probs.shape[0], self.plan.size - log_probs.shape[1]), -torch.inf)
+            log_probs = torch.cat([log_probs, pad], dim=1)
         if self.group.device != tokens.device:
             self.group = self.group.to(tokens.device)
         said = self.group[tokens]  # [rows]: the sayable word each hypothesis just said, or -1
         if bool((said >= 0).any()):  # its bonus (and its plural's) is paid
             paid = (self.group.unsqueeze(0) == said.unsqueeze(1)) & (said >= 0).unsqueeze(1)
             bonus = bonus.masked_fill(paid, 0.0)
+        returned = by_object.gather(1, tokens.unsqueeze(1))  # [rows, 1]: an object took the dog's place
+        if bool(returned.any()):  # the dog's place goes back: the object is scored as before
+            lend = torch.where(returned & by_object, feed, lend)
         # a borrowed word is also scored as the word it stands in for (whose own score the penalty takes)
-        borrowed = feed != torch.arange(feed.shape[1], device=feed.device)
+        borrowed = lend != torch.arange(lend.shape[1], device=lend.device)
         if bool(borrowed.any()):
             log_probs = torch.logaddexp(
-                log_probs, log_probs.gather(1, feed).masked_fill(~borrowed, -torch.inf)
+                log_probs, log_probs.gather(1, lend).masked_fill(~borrowed, -torch.inf)
             )
         log_probs = (log_probs + bonus + penalty).log_softmax(-1)
-        new = {**new, self.KEYS["bonus"]: bonus, self.KEYS["penalty"]: penalty, self.KEYS["feed"]: feed}
+        new = {**new, self.KEYS["bonus"]: bonus, self.KEYS["penalty"]: penalty}
+        new |= {self.KEYS["feed"]: feed, self.KEYS["lend"]: lend, self.KEYS["by_object"]: by_object}
         return log_probs, new, alpha

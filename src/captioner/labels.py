@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 TABLE = Path(__file__).with_name("imagenet_words.tsv")
+HOSTS = Path(__file__).with_name("label_hosts.tsv")  # made by scripts/label_hosts.py
 PROBES = Path(__file__).with_name("probes")  # <encoder>.safetensors: probes for words ImageNet lacks
 TOP_K = 5  # labels reported per image
 MIN_P = 0.02  # a label below this probability is noise, not something seen
@@ -50,6 +51,17 @@ def imagenet_words() -> tuple[list[str], list[str]]:
         names.append(name)
         words.append(word)
     return names, words
+
+
+@cache
+def label_hosts() -> dict[str, tuple[str, ...]]:
+    """Label word -> one-word label words nearest in meaning, nearest first (for grounded decoding)."""
+    table: dict[str, tuple[str, ...]] = {}
+    for line in HOSTS.read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#"):
+            word, near = line.split("\t")
+            table[word] = tuple(near.split(","))
+    return table
 
 
 class LabelHead:

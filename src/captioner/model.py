@@ -33,7 +33,7 @@ from captioner.checkpoint import (
 )
 from captioner.config import DecoderConfig
 from captioner.decoders import create_decoder
-from captioner.decoding import Hypothesis, WithoutWords, beam_search, greedy, sample
+from captioner.decoding import Hypothesis, WholePhrases, WithoutWords, beam_search, greedy, sample
 from captioner.encoders import Encoder, create_encoder
 from captioner.errors import CheckpointError
 from captioner.generation import GenerationOptions
@@ -248,6 +248,8 @@ class Captioner(nn.Module):
         if o.value("grounding") and self.label_head is not None:
             decoder = Grounded(decoder, self.grounding_plan(), self.label_head(pooled))
         decoder = WithoutWords(decoder, [v.pad_id, v.start_id, v.unk_id])
+        if o.value("whole_phrases"):
+            decoder = WholePhrases(decoder, v.words, v.end_id)
         beam_size, n_best = o.value("beam_size"), o.value("n_best")
         if o.temperature is not None:
             return [
@@ -279,6 +281,17 @@ class Captioner(nn.Module):
             )
         return plan
 
+    def words(self, tokens: Sequence[int]) -> list[str]:
+        """A hypothesis's ids -> words. Ids past the vocabulary are label words grounded decoding
+        borrowed (`GroundingPlan.extra_words`); a borrowed label may be two words ("parking meter")."""
+        plan = getattr(self, "_grounding_plan", None)
+        extra, n = (plan.extra_words if plan is not None else []), len(self.vocab.words)
+        return [self.vocab.words[t] if t < n else extra[t - n] for t in tokens]
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """A hypothesis's ids (no <start>, <end> or <pad>: see decoding.Hypothesis) -> caption text."""
+        return " ".join(self.words(tokens))
+
     @torch.inference_mode()
     def caption_tensors(
         self, images: torch.Tensor, options: GenerationOptions | None = None, **kwargs: Any
@@ -295,12 +308,12 @@ class Captioner(nn.Module):
         labels = head.top(head(pooled)) if head is not None else [[] for _ in range(len(pooled))]
         for hyps in self.generate(pooled, grid, options, **kwargs):
             best, i = hyps[0], len(out)
-            words = [self.vocab.words[t] for t in best.tokens]
+            words = self.words(best.tokens)
             out.append(
                 Caption(
                     " ".join(words),
                     best.score,
-                    [(self.vocab.decode(h.tokens), h.score) for h in hyps],
+                    [(self.decode(h.tokens), h.score) for h in hyps],
                     words,
                     best.attention.cpu() if best.attention is not None else None,
                     shape,

@@ -159,5 +159,7 @@ class OnnxCaptioner:
 
     generate = Captioner.generate
     grounding_plan = Captioner.grounding_plan
+    words = Captioner.words
+    decode = Captioner.decode
     caption_tensors = Captioner.caption_tensors
     caption = Captioner.caption

@@ -377,11 +377,16 @@ def validate(
             pooled, grid = features[0][start : start + batch_size], features[1][start : start + batch_size]
         else:
             pooled, grid = source.features(chunk)
-        hyps = model.generate(pooled.to(model.device), grid.to(model.device), beam_size=beam_size)
+        # the decoder alone: a checkpoint is chosen for what it learned, not for what decoding adds
+        hyps = model.generate(
+            pooled.to(model.device),
+            grid.to(model.device),
+            beam_size=beam_size,
+            grounding=False,
+            whole_phrases=False,
+        )
         for j, h in enumerate(hyps):
-            captions[str(start + j)] = (
-                model.vocab.decode(h[0].tokens) or model.vocab.words[model.vocab.unk_id]
-            )
+            captions[str(start + j)] = model.decode(h[0].tokens) or model.vocab.words[model.vocab.unk_id]
     model.train()
     model.encoder.eval()
     scores = scorer.score(captions, metrics=("BLEU-4", "CIDEr"))
