@@ -43,6 +43,22 @@ def main(argv: list[str] | None = None) -> int:
     # Anything else is a bug in captioner: Python prints its traceback, which is what a report needs.
 
 
+def _decoding_switches(parser: argparse.ArgumentParser) -> None:
+    """The switches that take decoding back to the decoder alone, shared by `caption` and `evaluate`."""
+    parser.add_argument(
+        "--no-grounding",
+        action="store_false",
+        dest="grounding",
+        help="decode without the visual labels (captioner.grounding): the decoder alone",
+    )
+    parser.add_argument(
+        "--allow-mid-phrase-end",
+        action="store_false",
+        dest="whole_phrases",
+        help='let a caption end mid-phrase ("playing in the"); by default <end> waits for the noun',
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="captioner", description="Image captioning: caption, train, evaluate.")
     p.add_argument("--version", action="version", version=f"captioner {__version__}")
@@ -64,18 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--top-p", type=float, default=None, help="nucleus sampling threshold (with --temperature)"
     )
-    c.add_argument(
-        "--no-grounding",
-        action="store_false",
-        dest="grounding",
-        help="decode without the visual labels (captioner.grounding): the decoder alone",
-    )
-    c.add_argument(
-        "--allow-mid-phrase-end",
-        action="store_false",
-        dest="whole_phrases",
-        help='let a caption end mid-phrase ("playing in the"); by default <end> waits for the noun',
-    )
+    _decoding_switches(c)
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--format", choices=["text", "jsonl"], default="text")
     c.add_argument(
@@ -129,18 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--beam-size", type=int, nargs="+", default=[3], help="one or more, e.g. 1 3 5")
     v.add_argument("--length-penalty", type=float, default=None, help="default: the model's own")
     v.add_argument("--no-repeat-ngram", type=int, default=None, help="block repeated n-grams (beam search)")
-    v.add_argument(
-        "--no-grounding",
-        action="store_false",
-        dest="grounding",
-        help="decode without the visual labels (captioner.grounding): the decoder alone",
-    )
-    v.add_argument(
-        "--allow-mid-phrase-end",
-        action="store_false",
-        dest="whole_phrases",
-        help='let a caption end mid-phrase ("playing in the"); by default <end> waits for the noun',
-    )
+    _decoding_switches(v)
     v.add_argument("--batch-size", type=int, default=32)
     v.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
     v.add_argument("--features", default=None, help="feature cache of the model's encoder (faster)")

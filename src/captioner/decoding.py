@@ -82,7 +82,7 @@ class WholePhrases:
         dangling = opened | torch.isin(tokens, self.function)
         log_probs = log_probs.clone()
         log_probs[:, self.end_id] -= torch.where(dangling, self.penalty, 0.0)
-        again = tokens.clamp(max=log_probs.shape[1] - 1).unsqueeze(1)  # (<start> is never said twice)
+        again = tokens.unsqueeze(1)  # the word just said, not again
         log_probs.scatter_add_(1, again, torch.full_like(again, -self.penalty, dtype=log_probs.dtype))
         return log_probs.log_softmax(-1), {**new, self.KEY: opened}, alpha
 

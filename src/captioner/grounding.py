@@ -62,6 +62,13 @@ def _forms(word: str) -> tuple[str, str]:
     return word, plural(word)
 
 
+def _most_probable(
+    probs: torch.Tensor, candidates: list[tuple[int, list[tuple[int, int]]]]
+) -> tuple[float, list[tuple[int, int]]]:
+    """(probability, places) of the candidate whose label column is most probable in `probs` [W]."""
+    return max(((float(probs[c]), places) for c, places in candidates), default=(0.0, []), key=lambda x: x[0])
+
+
 class GroundingPlan:
     """Which vocabulary ids each label word stands for; built once per model and vocabulary."""
 
@@ -164,17 +171,9 @@ class GroundingPlan:
             p, as_dog = 0.0, True
             pairs: list[tuple[int, int]] = []
             if not no_animal[b]:  # the most probable animal borrows the dog's words, fed as "dog"
-                p, pairs = max(
-                    ((float(word_probs[b, c]), pairs) for c, pairs in self.borrowers),
-                    default=(0.0, []),
-                    key=lambda x: x[0],
-                )
+                p, pairs = _most_probable(word_probs[b], self.borrowers)
             if p < s.present and s.objects_borrow:  # else the most probable object, fed as itself
-                p, pairs = max(
-                    ((float(word_probs[b, c]), pairs) for c, pairs in self.object_borrowers),
-                    default=(0.0, []),
-                    key=lambda x: x[0],
-                )
+                p, pairs = _most_probable(word_probs[b], self.object_borrowers)
                 as_dog = False
             if p >= s.present:
                 for form, dog_form in pairs:
