@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from captioner.decoders import create_decoder
-from captioner.decoding import beam_search, greedy, sample
+from captioner.decoding import beam_search, ends_mid_phrase, greedy, sample
 
 V, D, START, END = 30, 16, 1, 2
 
@@ -174,6 +174,19 @@ class EndsMidPhrase:
         return lp.log_softmax(-1), {"t": state["t"] + 1}, None
 
 
+def test_ends_mid_phrase_is_what_evaluate_counts():
+    cut = [
+        "two boys are playing in the",
+        "a group of men are playing in a red",
+        "a dog on a",
+        "a man and",
+        "the red",
+    ]
+    whole = ["a dog runs", "a man in red", "", "a black and white dog", "people in the water"]
+    assert all(ends_mid_phrase(c) for c in cut)
+    assert not any(ends_mid_phrase(c) for c in whole)
+
+
 @pytest.mark.parametrize("beam", [1, 3])
 def test_whole_phrases_never_end_on_a_function_word_or_an_open_article(beam):
     from captioner.decoding import WholePhrases
@@ -192,6 +205,7 @@ def test_whole_phrases_never_end_on_a_function_word_or_an_open_article(beam):
 
     assert caption(EndsMidPhrase()) == "a man sits on"  # the model alone stops mid-phrase
     assert caption(WholePhrases(EndsMidPhrase(), words, END)) == "a man sits on a red ball"
+    assert ends_mid_phrase("a man sits on") and not ends_mid_phrase("a man sits on a red ball")
     # the forced <end> of the last step still ends a caption that never finds its noun
     kw = {"start_id": START, "end_id": END, "max_length": 5}
     hyp = greedy(WholePhrases(EndsMidPhrase(), words, END), pooled, grid, **kw)[0]

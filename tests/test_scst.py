@@ -17,15 +17,26 @@ REFS = [
 CANDIDATES = ["a dog running on grass", "a child in the snow", "a man riding a bike on the road"]
 
 
-def test_cider_d_matches_coco_caption_with_the_same_document_frequencies():
+@pytest.mark.parametrize("count_end", [False, True])
+def test_cider_d_matches_coco_caption_with_the_same_document_frequencies(count_end):
+    end = " <end>" if count_end else ""  # the end token is one more word of every caption to coco-caption
     _, expected = Cider().compute_score(
-        {i: refs for i, refs in enumerate(REFS)}, {i: [c] for i, c in enumerate(CANDIDATES)}
+        {i: [r + end for r in refs] for i, refs in enumerate(REFS)},
+        {i: [c + end] for i, c in enumerate(CANDIDATES)},
     )
-    cider = CiderD([[r.split() for r in refs] for refs in REFS])
+    cider = CiderD([[r.split() for r in refs] for refs in REFS], count_end=count_end)
     ours = [cider.score(i, c.split()) for i, c in enumerate(CANDIDATES)]
     assert ours == pytest.approx(list(expected), abs=1e-12)
     assert cider.score(0, CANDIDATES[1].split()) < ours[0]  # a caption of another image scores lower
     assert cider.score(0, []) == 0.0
+
+
+def test_the_end_token_makes_a_caption_cut_mid_phrase_lose_reward():
+    """Pinned: counting <end> punishes "... on the" against "... on the grass" harder than plain CIDEr-D."""
+    refs = [[r.split() for r in refs] for refs in REFS]
+    whole, cut = "a dog runs on the grass".split(), "a dog runs on the".split()
+    plain, ended = CiderD(refs, count_end=False), CiderD(refs)
+    assert ended.score(0, cut) / ended.score(0, whole) < plain.score(0, cut) / plain.score(0, whole) - 0.1
 
 
 def rewards(run_dir):

@@ -27,11 +27,11 @@ def losses(run_dir):
 @pytest.mark.parametrize("decoder", list_decoders())
 def test_each_decoder_loss_falls(decoder, tiny_data, tiny_features, tmp_path):
     train(
-        tiny_config(tiny_data, tiny_features, tmp_path, decoder, epochs=50, max_steps=15, lr=1e-2),
+        tiny_config(tiny_data, tiny_features, tmp_path, decoder, epochs=50, max_steps=25, lr=1e-2),
         progress=False,
     )
     seen = losses(tmp_path)
-    assert len(seen) == 15
+    assert len(seen) == 25
     assert sum(seen[-3:]) < 0.8 * sum(seen[:3]), seen
 
 

@@ -59,6 +59,15 @@ def _decoding_switches(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="checkpoint directory or bundled model name; give it twice or more for an ensemble",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="captioner", description="Image captioning: caption, train, evaluate.")
     p.add_argument("--version", action="version", version=f"captioner {__version__}")
@@ -71,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("caption", help="caption images (files or folders)")
     c.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
-    c.add_argument("--model", default=None, help="checkpoint directory or bundled model name")
+    _model_option(c)
     c.add_argument("--beam-size", type=int, default=3)
     c.add_argument("--n-best", type=int, default=1)
     c.add_argument("--length-penalty", type=float, default=None, help="default: the model's own")
@@ -130,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("evaluate", help="score a model on a data set split with the coco-caption metrics")
     v.add_argument("root")
     v.add_argument("--split", default="test")
-    v.add_argument("--model", default=None)
+    _model_option(v)
     v.add_argument("--beam-size", type=int, nargs="+", default=[3], help="one or more, e.g. 1 3 5")
     v.add_argument("--length-penalty", type=float, default=None, help="default: the model's own")
     v.add_argument("--no-repeat-ngram", type=int, default=None, help="block repeated n-grams (beam search)")
@@ -174,7 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("serve", help="the captioning web page and JSON API")
     w.add_argument("--host", default="127.0.0.1")
     w.add_argument("--port", type=int, default=8000)
-    w.add_argument("--model", default=None)
+    _model_option(w)
     w.add_argument("--db", default=None, help="a photo index (from `captioner index`) to search on the page")
     w.add_argument("--max-upload-mb", type=float, default=20.0)
     w.add_argument("--max-batch", type=int, default=16, help="most requests captioned in one pass")

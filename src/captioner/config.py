@@ -37,7 +37,7 @@ class EncoderConfig:
 
 @dataclass
 class DecoderConfig:
-    name: str = "attention"  # show_tell, merge or attention
+    name: str = "attention"  # show_tell, merge, attention or updown
     embed_dim: int = 512
     hidden_dim: int = 512
     attention_dim: int = 512
@@ -78,6 +78,7 @@ class TrainConfig:
     scst: bool = False  # self-critical training (CIDEr-D reward) instead of cross-entropy; use with init_from
     scst_samples: int = 5  # captions sampled per image
     scst_baseline: str = "mean"  # "mean" of the image's other samples, or its "greedy" caption's reward
+    scst_count_end: bool = True  # the end token counts in the reward's n-grams: no captions cut mid-phrase
 
 
 @dataclass

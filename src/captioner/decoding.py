@@ -49,6 +49,20 @@ MODIFIERS = (
 ).split()
 
 
+def ends_mid_phrase(caption: str) -> bool:
+    """Whether a caption stops mid-phrase: on a function word, or after an article with no noun yet
+    ("sitting on a red"). What `WholePhrases` prevents and `evaluate` counts."""
+    words = caption.split()
+    if not words:
+        return False
+    if words[-1] in FUNCTION_WORDS:
+        return True
+    tail = len(words)
+    while tail > 0 and words[tail - 1] in MODIFIERS:
+        tail -= 1
+    return tail < len(words) and tail > 0 and words[tail - 1] in ARTICLES
+
+
 class WholePhrases:
     """A decoder that does not end a caption mid-phrase: <end> loses `penalty` nats right after a
     function word ("playing in the") and after an article whose noun has not come ("sitting on a red").

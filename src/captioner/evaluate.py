@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 
 from captioner.data import load_dataset
+from captioner.decoding import ends_mid_phrase
 from captioner.errors import DataError
 from captioner.features import FeatureStore, image_key
 from captioner.generation import GenerationOptions
 from captioner.hallucination import chair
 from captioner.images import load_batches
 from captioner.metrics import CaptionScorer, format_scores
-from captioner.model import Captioner, resolve_model
+from captioner.model import Captioner
 
 
 def encode_images(
@@ -67,7 +68,7 @@ def evaluate_model(
     root: str | Path,
     *,
     split: str = "test",
-    model: str | None = None,
+    model: str | Sequence[str] | None = None,
     beam_sizes: Sequence[int] = (3,),
     options: GenerationOptions | None = None,
     batch_size: int = 32,
@@ -88,6 +89,7 @@ def evaluate_model(
     data = load_dataset(root, skip_missing=skip_missing, split_file=split_file)
     examples = data.split(split)[:limit]
     captioner = Captioner.from_pretrained(model, device=device, resize=resize)
+    described = " + ".join(captioner.members) or str(captioner.path)  # an ensemble: its members
     base = (options or GenerationOptions()).over(captioner.generation)
     runs = [dataclasses.replace(base, beam_size=b, n_best=None) for b in beam_sizes]  # validates each
     keys = [image_key(ex.image, data.root) for ex in examples]
@@ -112,7 +114,7 @@ def evaluate_model(
         for message in errors.values():
             print(f"error: {message}", file=sys.stderr)
         print(f"{split} split of {data.root}: {len(ok):,} images ({len(errors)} failed)")
-        print(f"model {resolve_model(model)}")
+        print(f"model {described}")
     reports = []
     for run in runs:
         beam_size = run.value("beam_size")
@@ -124,9 +126,10 @@ def evaluate_model(
             raise DataError(f"no image of the {split} split could be read")
         scores = scorer.score({k: c or "<unk>" for k, c in generated.items()}, spice=True)
         scores |= chair(generated, references)  # object hallucination, from the same references
+        scores["mid-phrase"] = sum(ends_mid_phrase(c) for c in generated.values())  # captions cut short
         reports.append(
             {
-                "model": str(resolve_model(model)),
+                "model": described,
                 "data": str(data.root),
                 "split": split,
                 "images": len(examples),

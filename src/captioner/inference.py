@@ -80,7 +80,7 @@ def caption_files(
 def caption_paths(
     inputs: Sequence[str],
     *,
-    model: str | None,
+    model: str | Sequence[str] | None,
     options: GenerationOptions | None = None,
     batch_size: int = 16,
     fmt: str = "text",

@@ -121,6 +121,8 @@ class Captioner(nn.Module):
         # Decoding defaults stored with the model, like Hugging Face's generation config: e.g. the length
         # penalty that did best on the validation split. Options given to `generate` always win.
         self.generation = generation or GenerationOptions()
+        self.path: Path | None = None  # the checkpoint directory it was loaded from
+        self.members: list[str] = []  # an ensemble's checkpoints (see `from_pretrained`)
         # The encoder's ImageNet classifier, for visual labels; `labels_unavailable` says why there is none.
         self.label_head, self.labels_unavailable = label_head(encoder, encoder_finetuned)
 
@@ -173,6 +175,9 @@ class Captioner(nn.Module):
         """Write the checkpoint directory atomically: a reader sees the old one or the new one, whole."""
         from safetensors.torch import save_file
 
+        if self.members:
+            raise CheckpointError("an ensemble is not one checkpoint: save (or load) its members instead")
+
         with atomic_directory(path) as tmp:
             tensors = {
                 f"decoder.{k}": v.detach().to(dtype).cpu().contiguous()
@@ -195,14 +200,22 @@ class Captioner(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str | os.PathLike | None = None,
+        name_or_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
         *,
         device: str | torch.device = "cpu",
         resize: str | None = None,
     ) -> Captioner:
         """Load a checkpoint directory, or a bundled model by name (default: the bundled Flickr8k model),
         onto `device` ("auto": the GPU when there is one). `resize` ("squash" or "crop") overrides how
-        photos are made square, to measure what that costs."""
+        photos are made square, to measure what that costs.
+
+        A list of two or more loads an ensemble (`captioner.ensemble`): one encoder pass, the decoders'
+        log-probabilities averaged at every step, the first member's decoding defaults."""
+        if not isinstance(name_or_path, str | os.PathLike | None):
+            names = list(name_or_path)
+            if len(names) > 1:
+                return cls._ensemble([cls.from_pretrained(n, device=device, resize=resize) for n in names])
+            name_or_path = names[0] if names else None
         path = resolve_model(name_or_path)
         config = CheckpointConfig.read(path)
         model = cls.build(
@@ -216,7 +229,20 @@ class Captioner(nn.Module):
             generation=config.generation,
         )
         model.load_weights(path / WEIGHTS_FILE)
+        model.path = path
         return model.to(distributed.device(device)).eval()
+
+    @classmethod
+    def _ensemble(cls, members: list[Captioner]) -> Captioner:
+        from captioner.ensemble import Ensemble, check_members
+
+        names = [str(m.path) for m in members]
+        check_members(names, [m.vocab.words for m in members], [m.config().encoder for m in members])
+        first = members[0]
+        decoder = Ensemble([m.decoder for m in members])
+        model = cls(first.encoder, decoder, first.vocab, first.decoder_config, generation=first.generation)
+        model.path, model.members = first.path, names
+        return model.to(first.device).eval()
 
     def load_weights(self, file: str | os.PathLike) -> None:
         """Load the decoder's weights (and the encoder's, when fine-tuned) from a checkpoint's safetensors."""

@@ -337,7 +337,7 @@ def serve_command(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
-        model_name=Path(str(args.model or DEFAULT_MODEL)).name,
+        model_name=" + ".join(Path(str(m)).name for m in args.model or [DEFAULT_MODEL]),
     )
     print(f"captioner: serving http://{args.host}:{args.port}/ (API docs at /docs)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

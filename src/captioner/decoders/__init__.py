@@ -58,4 +58,4 @@ def create_decoder(name: str, *, vocab_size: int, feature_dim: int, **options) -
 
 
 def _load_all() -> None:
-    from captioner.decoders import attention, merge, show_tell  # noqa: F401  (each registers itself)
+    from captioner.decoders import attention, merge, show_tell, updown  # noqa: F401  (each registers itself)

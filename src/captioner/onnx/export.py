@@ -65,6 +65,11 @@ def export_onnx(model: Captioner, out: str | os.PathLike) -> Path:
     `out` may be replaced only if it is missing, empty, or a previous export: never a checkpoint or
     some other folder that a typo named.
     """
+    if model.members:
+        raise ExportError(
+            "an ensemble is exported as its members: export each, then load the exports together "
+            "(`captioner caption --runtime onnx --model A --model B`)"
+        )
     missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:
         raise ExportError(f"exporting to ONNX needs {' and '.join(missing)}: pip install {' '.join(missing)}")

@@ -8,12 +8,14 @@ run unchanged, on the whole batch and every beam in one graph call per word.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from captioner.checkpoint import VOCAB_FILE, CheckpointConfig
+from captioner.ensemble import Ensemble, check_members
 from captioner.errors import CheckpointError, MissingDependencyError
 from captioner.generation import GenerationOptions
 from captioner.images import Preprocess
@@ -110,16 +112,32 @@ class OnnxCaptioner:
     device = torch.device("cpu")  # where caption_tensors puts the images: onnxruntime takes CPU tensors
 
     def __init__(
-        self, encoder: OnnxEncoder, decoder: OnnxDecoder, vocab: Vocabulary, config: CheckpointConfig
+        self,
+        encoder: OnnxEncoder,
+        decoder: OnnxDecoder | Ensemble,
+        vocab: Vocabulary,
+        config: CheckpointConfig,
     ):
         self.encoder, self.decoder, self.vocab, self.config = encoder, decoder, vocab, config
+        self.members: list[str] = []  # an ensemble's exports (see `from_pretrained`)
         self.generation: GenerationOptions = config.generation
         self.label_head: LabelHead | None = None
         self.labels_unavailable: str | None = "the export has no ImageNet classifier (labels.safetensors)"
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike | None, *, threads: int | None = None) -> OnnxCaptioner:
-        """Load a directory written by `captioner export` (threads: see `load_session`)."""
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike | Sequence[str | os.PathLike] | None,
+        *,
+        threads: int | None = None,
+    ) -> OnnxCaptioner:
+        """Load a directory written by `captioner export` (threads: see `load_session`); a list of two or
+        more loads an ensemble, as `Captioner.from_pretrained` does."""
+        if not isinstance(path, str | os.PathLike | None):
+            paths = list(path)
+            if len(paths) > 1:
+                return cls._ensemble([cls.from_pretrained(p, threads=threads) for p in paths], paths)
+            path = paths[0] if paths else None
         if path is None:
             raise CheckpointError(
                 "the onnx runtime needs --model DIR, a directory made by `captioner export`"
@@ -152,6 +170,16 @@ class OnnxCaptioner:
         model = cls(encoder, decoder, Vocabulary.load(path / VOCAB_FILE), config)
         if (path / LABELS).exists():
             model.label_head, model.labels_unavailable = load_label_head(path / LABELS), None
+        return model
+
+    @classmethod
+    def _ensemble(cls, members: list[OnnxCaptioner], paths: list) -> OnnxCaptioner:
+        names = [str(p) for p in paths]
+        check_members(names, [m.vocab.words for m in members], [m.config.encoder for m in members])
+        first = members[0]
+        model = cls(first.encoder, Ensemble([m.decoder for m in members]), first.vocab, first.config)
+        model.label_head, model.labels_unavailable = first.label_head, first.labels_unavailable
+        model.members = names
         return model
 
     def eval(self) -> OnnxCaptioner:  # what Captioner.caption_tensors calls on itself

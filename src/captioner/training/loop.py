@@ -136,7 +136,7 @@ def prepare(config: Config, resume: bool) -> Run:
     source = Source(data.root, model, store, augment=tc.augment)
     if tc.scst:
         references = [[tokenize(c) for c in ex.captions] for ex in train_examples]
-        scst = SelfCritical(model, CiderD(references), tc.scst_samples, tc.scst_baseline)
+        scst = SelfCritical(model, CiderD(references, tc.scst_count_end), tc.scst_samples, tc.scst_baseline)
         items = source.images(train_examples)
         step: nn.Module = SelfCriticalStep(model, source, scst)
     else:

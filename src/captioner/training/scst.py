@@ -9,6 +9,11 @@ reward (the paper) or the mean reward of the image's other samples (Luo, 2020: n
 CIDEr-D here is coco-caption's (pycocoevalcap's n-gram counting, tf-idf weighting, clipping and length
 penalty), but its document frequencies come once from the training captions rather than from each batch,
 and each image's reference vectors are computed once: a reward is needed for every sample of every step.
+
+With `count_end` (the default) every caption, sampled or reference, ends in an end token that takes part in
+the n-grams, as in the later self-critical implementations (ruotianluo's ImageCaptioning.pytorch): a
+reference never ends "in the <end>", so a sample that stops mid-phrase loses those n-grams' reward. Without
+it, "two boys are playing in the" scores nearly as well as "... in the water" and SCST learns to stop early.
 """
 
 from __future__ import annotations
@@ -23,23 +28,25 @@ from captioner.decoding import WithoutWords, greedy
 from captioner.errors import ConfigError
 
 NGRAMS, SIGMA = 4, 6.0
+END = "<end>"  # the PTB tokenizer never yields it, so it matches only another caption's end
 
 
-def _counts(words: Sequence[str]) -> dict[tuple[str, ...], int]:
+def _counts(words: Sequence[str], count_end: bool) -> dict[tuple[str, ...], int]:
     from pycocoevalcap.cider.cider_scorer import precook
 
-    return precook(" ".join(words), NGRAMS)
+    return precook(" ".join([*words, END] if count_end else words), NGRAMS)
 
 
 class CiderD:
     """CIDEr-D of candidate captions against fixed references, document frequencies from those references.
 
     `references[i]` are image i's reference captions, each a list of words. Scores are on coco-caption's
-    scale (a perfect match of every reference scores 10), per candidate.
+    scale (matching every reference scores 10), per candidate. `count_end`: see the module docstring
     """
 
-    def __init__(self, references: Sequence[Sequence[Sequence[str]]]):
-        cooked = [[_counts(r) for r in refs] for refs in references]
+    def __init__(self, references: Sequence[Sequence[Sequence[str]]], count_end: bool = True):
+        self.count_end = count_end
+        cooked = [[_counts(r, count_end) for r in refs] for refs in references]
         self.df: dict[tuple[str, ...], float] = defaultdict(float)
         for refs in cooked:
             for ngram in {g for r in refs for g in r}:
@@ -65,7 +72,9 @@ class CiderD:
         """CIDEr-D of one caption (a list of words) for reference set `image`."""
         if image not in self._ref_vectors:
             self._ref_vectors[image] = [self._vector(r) for r in self._refs[image]]
-        vec, norm, length = self._vector(_counts(words))
+        if not words:
+            return 0.0  # nothing said: no reward, whatever the end token would match
+        vec, norm, length = self._vector(_counts(words, self.count_end))
         total = 0.0
         for vec_r, norm_r, length_r in self._ref_vectors[image]:
             penalty = math.exp(-((length - length_r) ** 2) / (2 * SIGMA**2))
