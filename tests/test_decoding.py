@@ -158,7 +158,8 @@ def test_no_repeated_ngrams():
 
 class EndsMidPhrase:
     """A language model that says "a man sits on a red" and would rather stop there (P(<end>) 0.9 after
-    "on", "a" and "red"); "ball" is its only other word after "red"."""
+    "on", "a" and "red"); "ball" is its only other word after "red", and a word it says anywhere with
+    probability 1e-4."""
 
     WORDS = ["<pad>", "<start>", "<end>", "a", "man", "sits", "on", "red", "ball"]
     SCRIPT = ["a", "man", "sits", "on", "a", "red", "ball"]
@@ -171,6 +172,8 @@ class EndsMidPhrase:
         lp = torch.full((tokens.shape[0], len(self.WORDS)), -30.0)
         lp[:, self.WORDS.index(self.SCRIPT[min(t, 6)])] = torch.tensor(0.1).log()
         lp[:, END] = torch.tensor(0.9 if t >= 4 else 0.0001).log()
+        ball = self.WORDS.index("ball")
+        lp[:, ball] = lp[:, ball].clamp(min=torch.tensor(0.0001).log())
         return lp.log_softmax(-1), {"t": state["t"] + 1}, None
 
 
@@ -206,7 +209,13 @@ def test_whole_phrases_never_end_on_a_function_word_or_an_open_article(beam):
     assert caption(EndsMidPhrase()) == "a man sits on"  # the model alone stops mid-phrase
     assert caption(WholePhrases(EndsMidPhrase(), words, END)) == "a man sits on a red ball"
     assert ends_mid_phrase("a man sits on") and not ends_mid_phrase("a man sits on a red ball")
-    # the forced <end> of the last step still ends a caption that never finds its noun
+    # a caption that runs to the length limit closes its phrase with its last word, not "... on a"
     kw = {"start_id": START, "end_id": END, "max_length": 5}
+    short = WholePhrases(EndsMidPhrase(), words, END, max_length=5)
+    hyp = greedy(short, pooled, grid, **kw)[0]
+    assert [words[t] for t in hyp.tokens] == ["a", "man", "sits", "on", "ball"]
+    hyp = beam_search(WholePhrases(EndsMidPhrase(), words, END, max_length=5), pooled, grid, **kw)[0][0]
+    assert not ends_mid_phrase(" ".join(words[t] for t in hyp.tokens)) and len(hyp.tokens) <= 5
+    # without the limit it knows nothing of the last slot: the forced <end> cuts the phrase
     hyp = greedy(WholePhrases(EndsMidPhrase(), words, END), pooled, grid, **kw)[0]
     assert [words[t] for t in hyp.tokens] == ["a", "man", "sits", "on", "a"]

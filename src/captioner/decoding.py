@@ -68,12 +68,17 @@ class WholePhrases:
     function word ("playing in the") and after an article whose noun has not come ("sitting on a red").
     Self-critical training and grounded decoding both make such endings; a finite penalty (not -inf)
     leaves the forced <end> of the last step possible. The open phrase is a state the beams carry.
-    Nor does it say a word twice in a row ("a dog is is running"), which no caption needs."""
+    Given `max_length`, the last word a caption can have before that forced <end> must close its
+    phrase too: a run-on caption that reaches the limit still ends on a noun. Nor does it say a word
+    twice in a row ("a dog is is running"), which no caption needs."""
 
     KEY = "phrase.open"
+    STEP = "phrase.step"  # words fed so far, per row: where the last word slot is
 
-    def __init__(self, decoder, words: list[str], end_id: int, penalty: float = 20.0):
-        self.decoder, self.end_id, self.penalty = decoder, end_id, penalty
+    def __init__(
+        self, decoder, words: list[str], end_id: int, penalty: float = 20.0, max_length: int | None = None
+    ):
+        self.decoder, self.end_id, self.penalty, self.max_length = decoder, end_id, penalty, max_length
         index = {w: i for i, w in enumerate(words)}
         self.function, self.articles, self.modifiers = (
             torch.tensor([index[w] for w in group if w in index], dtype=torch.long)
@@ -83,10 +88,15 @@ class WholePhrases:
 
     def init_state(self, pooled: torch.Tensor, grid: torch.Tensor) -> dict[str, torch.Tensor]:
         state = self.decoder.init_state(pooled, grid)
-        return {**state, self.KEY: torch.zeros(pooled.shape[0], dtype=torch.bool, device=pooled.device)}
+        rows, device = pooled.shape[0], pooled.device
+        return {
+            **state,
+            self.KEY: torch.zeros(rows, dtype=torch.bool, device=device),
+            self.STEP: torch.zeros(rows, dtype=torch.long, device=device),
+        }
 
     def step(self, tokens: torch.Tensor, state: dict[str, torch.Tensor]):
-        inner = {k: v for k, v in state.items() if k != self.KEY}
+        inner = {k: v for k, v in state.items() if k not in (self.KEY, self.STEP)}
         log_probs, new, alpha = self.decoder.step(tokens, inner)
         if self.function.device != tokens.device:
             self.function, self.articles, self.modifiers = (
@@ -98,7 +108,15 @@ class WholePhrases:
         log_probs[:, self.end_id] -= torch.where(dangling, self.penalty, 0.0)
         again = tokens.unsqueeze(1)  # the word just said, not again
         log_probs.scatter_add_(1, again, torch.full_like(again, -self.penalty, dtype=log_probs.dtype))
-        return log_probs.log_softmax(-1), {**new, self.KEY: opened}, alpha
+        step = state[self.STEP] + 1  # this step proposes word number `step`; after max_length, only <end>
+        if self.max_length is not None:
+            last = step == self.max_length
+            keeps_open = torch.zeros_like(log_probs, dtype=torch.bool)
+            keeps_open[:, self.function] = True
+            keeps_open[:, self.articles] = True
+            keeps_open[:, self.modifiers] |= opened.unsqueeze(1)
+            log_probs -= torch.where(keeps_open & last.unsqueeze(1), self.penalty, 0.0)
+        return log_probs.log_softmax(-1), {**new, self.KEY: opened, self.STEP: step}, alpha
 
 
 def length_penalty(length: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -275,7 +275,7 @@ class Captioner(nn.Module):
             decoder = Grounded(decoder, self.grounding_plan(), self.label_head(pooled))
         decoder = WithoutWords(decoder, [v.pad_id, v.start_id, v.unk_id])
         if o.value("whole_phrases"):
-            decoder = WholePhrases(decoder, v.words, v.end_id)
+            decoder = WholePhrases(decoder, v.words, v.end_id, max_length=ids["max_length"])
         beam_size, n_best = o.value("beam_size"), o.value("n_best")
         if o.temperature is not None:
             return [
