@@ -3,7 +3,8 @@
 The file was written by the release that trained them, for the decoder alone (`grounding=False`,
 `whole_phrases=False`); any change to loading, preprocessing or decoding that alters a caption, or moves a
 score by more than float rounding, fails here. "beam3-grounded" pins the default decoding (grounded, whole
-phrases) the same way; it was re-recorded when borrowed label words and whole phrases joined it.
+phrases) the same way; it was re-recorded when borrowed label words and whole phrases joined it, and
+again when the last word before the length limit had to close its phrase.
 """
 
 import json
