@@ -286,6 +286,15 @@ def _train(args: argparse.Namespace) -> int:
     from captioner.training import train
 
     config = load_config(args.config, args.overrides)
+    if config.train.task == "search":  # the search embedding, not a captioner
+        from captioner.search.train_joint import train_joint
+
+        train_joint(config, resume=args.resume)
+        return 0
+    if config.train.task != "caption":
+        from captioner.errors import ConfigError
+
+        raise ConfigError(f"train.task: {config.train.task!r} is not caption or search")
     train(config, resume=args.resume)
     return 0
 

@@ -53,7 +53,19 @@ class DecoderConfig:
 
 
 @dataclass
+class EmbeddingConfig:
+    """The search embedding (`train.task: search`, `captioner.search.joint`): photo and sentence towers."""
+
+    embed_dim: int = 256
+    hidden_dim: int = 1024
+    grid: bool = True  # attention-pool the encoder's grid beside the pooled vector
+    dropout: float = 0.1
+    hard_margin: float = 0.0  # > 0: add VSE++'s hardest-negative hinge with this margin to InfoNCE
+
+
+@dataclass
 class TrainConfig:
+    task: str = "caption"  # "caption" trains a captioner; "search" the search embedding (section embedding)
     out_dir: str = "runs/default"
     device: str = "auto"  # "auto" (the GPU when there is one), "cpu", "cuda" or "cuda:N"
     epochs: int = 20
@@ -87,6 +99,7 @@ class Config:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -101,7 +114,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a config is a mapping of sections (data, encoder, decoder, train)")
+            raise ConfigError(
+                f"{path}: a config is a mapping of sections (data, encoder, decoder, train, embedding)"
+            )
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:

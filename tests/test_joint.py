@@ -1,0 +1,123 @@
+"""The search embedding: retrieval metrics, training on a feature cache, resuming, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from captioner.config import from_dict
+from captioner.errors import CheckpointError, TrainingRunError
+from captioner.search.joint import JointConfig, JointEmbedding, contrastive_loss, recall_at
+from captioner.search.train_joint import train_joint
+
+
+def test_recall_at_counts_ranks_by_hand():
+    similarity = np.array(
+        [
+            [0.9, 0.1, 0.0],  # photo 0 first
+            [0.5, 0.4, 0.6],  # photo 1 third
+            [0.2, 0.8, 0.7],  # photo 2 second
+            [0.3, 0.3, 0.1],  # photo 1 tied with photo 0: the tie counts for the query
+        ]
+    )
+    scores = recall_at(similarity, np.array([0, 1, 2, 1]), ks=(1, 2))
+    assert scores["R@1"] == 50.0 and scores["R@2"] == 75.0
+    assert scores["median rank"] == 1.5 and scores["mean rank"] == 7 / 4
+
+
+def test_contrastive_loss_is_lower_for_matching_pairs():
+    torch.manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    scale = torch.tensor(np.log(10.0))
+    shuffled = x[torch.randperm(8)]
+    assert contrastive_loss(x, x, scale) < contrastive_loss(x, shuffled, scale)
+    assert contrastive_loss(x, x, scale, hard=0.2) < contrastive_loss(x, shuffled, scale, hard=0.2)
+
+
+def _config(tiny_data, tiny_features, out, **train):
+    return from_dict(
+        {
+            "data": {"root": str(tiny_data), "features": str(tiny_features)},
+            "encoder": {"name": "efficientnet_lite0"},
+            "embedding": {"embed_dim": 32, "hidden_dim": 64, "dropout": 0.1},
+            "train": {
+                "task": "search",
+                "out_dir": str(out),
+                "epochs": 40,
+                "batch_size": 8,
+                "lr": 3e-3,
+                "patience": 100,
+                **train,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tiny_features, tmp_path_factory):
+    out = tmp_path_factory.mktemp("joint")
+    return train_joint(_config(tiny_data, tiny_features, out)), out
+
+
+def test_training_finds_the_photos_of_captions_it_never_saw(trained):
+    best, _ = trained
+    scores = json.loads((best / "scores.json").read_text())["val"]
+    # 8 validation photos of coloured shapes, 24 captions: chance is 12.5% recall@1
+    assert scores["R@1"] >= 50.0, scores
+
+
+def test_checkpoint_round_trip(trained, tmp_path):
+    best, _ = trained
+    model = JointEmbedding.from_pretrained(best)
+    pooled, grid = np.random.rand(3, 1280).astype("f4"), np.random.rand(3, 4, 1280).astype("f4")
+    a = model.images(pooled, grid)
+    model.save_pretrained(tmp_path / "copy")
+    b = JointEmbedding.from_pretrained(tmp_path / "copy").images(pooled, grid)
+    assert np.allclose(a, b, atol=1e-3) and np.allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    assert json.loads((best / "config.json").read_text())["encoder"] == "efficientnet_lite0"
+
+
+def test_a_captioner_is_not_a_search_embedding(tiny_model):
+    with pytest.raises(CheckpointError, match="not a search embedding"):
+        JointEmbedding.from_pretrained(tiny_model)
+
+
+def test_features_of_another_encoder_are_refused():
+    from captioner.images import Preprocess
+
+    pre = Preprocess(size=224)
+    model = JointEmbedding(JointConfig(encoder="efficientnet_lite0", preprocess=pre.to_dict()))
+    model.check_features("efficientnet_lite0", pre)
+    with pytest.raises(CheckpointError, match="efficientnet_lite2"):
+        model.check_features("efficientnet_lite2", pre)
+
+
+def test_resume_continues_exactly(tiny_data, tiny_features, tmp_path, monkeypatch):
+    from captioner.search import train_joint as module
+
+    straight = train_joint(_config(tiny_data, tiny_features, tmp_path / "a", epochs=4))
+    evaluate, calls = module.evaluate, []
+
+    def killed_in_epoch_3(*args):
+        calls.append(1)
+        if len(calls) == 3:  # epoch 3 trained, not yet saved
+            raise KeyboardInterrupt
+        return evaluate(*args)
+
+    monkeypatch.setattr(module, "evaluate", killed_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_joint(_config(tiny_data, tiny_features, tmp_path / "b", epochs=4))
+    monkeypatch.setattr(module, "evaluate", evaluate)
+    resumed = train_joint(_config(tiny_data, tiny_features, tmp_path / "b", epochs=4), resume=True)
+    for name in ("last", "best"):
+        a = JointEmbedding.from_pretrained(straight.parent / name).state_dict()
+        b = JointEmbedding.from_pretrained(resumed.parent / name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_resume_without_a_run_says_so(tiny_data, tiny_features, tmp_path):
+    with pytest.raises(TrainingRunError, match="nothing to resume"):
+        train_joint(_config(tiny_data, tiny_features, tmp_path / "none"), resume=True)
