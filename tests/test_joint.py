@@ -121,3 +121,22 @@ def test_resume_continues_exactly(tiny_data, tiny_features, tmp_path, monkeypatc
 def test_resume_without_a_run_says_so(tiny_data, tiny_features, tmp_path):
     with pytest.raises(TrainingRunError, match="nothing to resume"):
         train_joint(_config(tiny_data, tiny_features, tmp_path / "none"), resume=True)
+
+
+def test_evaluate_search_from_images_and_from_the_cache_agree(
+    trained, tiny_data, tiny_features, tmp_path, capsys
+):
+    from captioner.cli import main
+
+    best, _ = trained
+    out_images, out_cache = tmp_path / "images.json", tmp_path / "cache.json"
+    args = ["evaluate-search", str(tiny_data), "--split", "val", "--embedding", str(best)]
+    assert main([*args, "--output", str(out_images)]) == 0
+    assert main([*args, "--features", str(tiny_features), "--output", str(out_cache)]) == 0
+    a, b = (json.loads(f.read_text()) for f in (out_images, out_cache))
+    assert a["photos"] == 8 and a["queries"] == 24 and a["failed"] == 0
+    # the cache holds float16 features: the ranks may move by a tie, not more
+    assert abs(a["text to image"]["R@5"] - b["text to image"]["R@5"]) <= 100 / 24
+    assert "| text to image |" in capsys.readouterr().out
+    assert main([*args, "--queries", "1", "--output", str(out_images)]) == 0
+    assert json.loads(out_images.read_text())["queries"] == 8

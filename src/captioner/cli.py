@@ -160,6 +160,23 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda or cuda:N")
     v.set_defaults(run=_evaluate)
 
+    r = sub.add_parser(
+        "evaluate-search", help="recall@1/5/10 of the search embedding on a split (the standard protocol)"
+    )
+    r.add_argument("root")
+    r.add_argument("--split", default="test")
+    r.add_argument(
+        "--embedding",
+        required=True,
+        help="a search embedding's checkpoint folder (captioner train, task search)",
+    )
+    r.add_argument("--features", default=None, help="feature cache of the embedding's encoder (faster)")
+    r.add_argument("--queries", type=int, default=None, help="each photo's first N captions (default: all)")
+    r.add_argument("--limit", type=int, default=None, help="only the first N photos of the split")
+    r.add_argument("--output", default=None, help="JSON file for the scores")
+    r.add_argument("--skip-missing", action="store_true")
+    r.set_defaults(run=_evaluate_search)
+
     i = sub.add_parser("index", help="caption every photo under a folder into a searchable SQLite database")
     i.add_argument("folder")
     i.add_argument("--db", default="photos.sqlite")
@@ -347,6 +364,25 @@ def _evaluate(args: argparse.Namespace) -> int:
         skip_missing=args.skip_missing,
         split_file=args.split_file,
         device=args.device,
+    )
+    return 0
+
+
+def _evaluate_search(args: argparse.Namespace) -> int:
+    from captioner.search.evaluate import evaluate_search
+
+    for name in ("queries", "limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SystemExit(f"captioner evaluate-search: --{name} must be at least 1")
+    evaluate_search(
+        args.root,
+        args.embedding,
+        args.split,
+        features=args.features,
+        queries=args.queries,
+        limit=args.limit,
+        output=Path(args.output) if args.output else None,
+        skip_missing=args.skip_missing,
     )
     return 0
 
