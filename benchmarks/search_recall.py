@@ -14,27 +14,54 @@ ranks only the photos that match a word, so its recall counts a photo that match
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+from tqdm import tqdm
+
 from captioner.generation import GenerationOptions
-from captioner.search import RERANK, SEARCH_MODEL, PhotoIndex
+from captioner.search import SEARCH_EMBEDDING, SEARCH_MODEL, PhotoIndex
+from captioner.search.index import joint_id
 
 RANKINGS = {  # name -> options of PhotoIndex._rank
-    f"default: captions pick {RERANK}, the captioner orders them by P(query | photo)": {},
-    "default without the labels' keywords": {"labels": False},
-    "captions only: semantic + keyword (reciprocal rank fusion)": {"rerank": False},
-    "semantic only": {"keyword": 0.0, "rerank": False},
-    "keyword only (FTS5 bm25)": {"semantic": 0.0, "keyword": 1.0, "rerank": False},
-    "keyword only, captions without labels": {
-        "semantic": 0.0,
-        "keyword": 1.0,
-        "rerank": False,
-        "labels": False,
+    "default: captions + embedding pick 100, re-ranked with P(query | photo)": {},
+    "two stages, P(query | photo) alone orders the 100": {"first_stage": 0.0},
+    "captions + embedding, no second stage": {"rerank": False},
+    "embedding alone": {"semantic": 0.0, "keyword": 0.0, "rerank": False},
+    "before the embedding: captions pick 100, P(query | photo) orders them": {
+        "joint": 0.0,
+        "first_stage": 0.0,
+    },
+    "captions only: semantic + keyword": {"joint": 0.0, "rerank": False},
+}
+SWEEP = {  # --sweep: the weights to choose the defaults from, on a dev split
+    **{f"embedding weight {w}, no second stage": {"joint": w, "rerank": False} for w in (0.5, 1.0, 4.0, 8.0)},
+    **{f"embedding weight {w}, captioner orders": {"joint": w} for w in (1.0, 4.0, 8.0)},
+    **{
+        f"embedding weight {w}, captioner and first stage fused {f}": {"joint": w, "first_stage": f}
+        for w in (2.0, 8.0)
+        for f in (1.0, 3.0)
     },
 }
+TOP = 10
+
+
+def memoise_likelihoods(index: PhotoIndex) -> None:
+    """P(query | photo) is the slow part and the rankings share most candidates: compute each pair once."""
+    real, memo = index._likelihoods, {}
+
+    def likelihoods(query: str, photo_ids: list[int]) -> dict[int, float]:
+        known = memo.setdefault(query, {})
+        missing = [p for p in photo_ids if p not in known]
+        if missing:
+            known.update(real(query, missing))
+        return {p: known[p] for p in photo_ids if p in known}
+
+    index._likelihoods = likelihoods  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,14 +70,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="train")
     p.add_argument("--limit", type=int, default=None, help="only the first N photos of the split")
     p.add_argument("--queries", type=int, default=None, help="only each photo's first N captions as queries")
+    p.add_argument(
+        "--every", type=int, default=1, help="queries of every Nth photo only (all in the gallery)"
+    )
+    p.add_argument("--only", default=None, help="only the rankings whose name contains one of these (a|b)")
     p.add_argument("--model", default=None, help="checkpoint directory or bundled model name")
     p.add_argument("--db", required=True, help="the photo index to build or update")
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--n-best", type=int, default=3)
+    p.add_argument("--embedding", default=SEARCH_EMBEDDING, help="search embedding, or none")
+    p.add_argument("--sweep", action="store_true", help="also the weights the defaults are chosen from")
+    p.add_argument("--output", default=None, help="also write the table as JSON here")
     args = p.parse_args(argv)
 
     from captioner.data import load_dataset
     from captioner.model import Captioner
+    from captioner.search.joint import JointEmbedding
 
     examples = load_dataset(args.data).split(args.split)[: args.limit]
     images = Path(f"{args.db}.photos").resolve()
@@ -64,37 +99,53 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     captioner = Captioner.from_pretrained(args.model or SEARCH_MODEL)
+    joint = None if args.embedding == "none" else JointEmbedding.from_pretrained(args.embedding)
+    rankings = {**RANKINGS, **(SWEEP if args.sweep else {})}
+    if args.only:
+        rankings = {k: v for k, v in rankings.items() if any(w in k for w in args.only.split("|"))}
+    if joint is None:
+        rankings = {k: v for k, v in rankings.items() if v.get("joint") == 0.0}
     with PhotoIndex(args.db, create=True) as index:
         options = GenerationOptions(beam_size=args.beam_size, n_best=args.n_best)
-        counts = index.update(images, captioner, options)
+        if not index.is_new() and index.embedding_id() != (joint_id(joint) if joint else None):
+            index.reembed(captioner, joint, args.embedding)  # another embedding: no re-captioning
+        counts = index.update(images, captioner, options, joint=joint, joint_name=args.embedding)
         indexed = time.perf_counter() - start
-        if not index.attach(captioner):
-            raise SystemExit(f"{args.db}: indexed by another model; pass a new --db")
-        found = {name: [0, 0, 0] for name in RANKINGS}  # [first, in the top 5, photo's first query in top 5]
+        if not index.attach(captioner) or (joint is not None and not index.attach_embedding(joint)):
+            raise SystemExit(f"{args.db}: indexed by another model or embedding; pass a new --db")
+        memoise_likelihoods(index)
+        ranks: dict[str, list[int]] = {name: [] for name in rankings}  # TOP + 1: not in the top TOP
         queries = 0
-        for path, captions in references.items():
-            for number, caption in enumerate(captions[: args.queries]):
+        asked = list(references.items())[:: args.every]
+        for path, captions in tqdm(asked, desc="searching"):
+            for caption in captions[: args.queries]:
                 queries += 1
-                for name, signals in RANKINGS.items():
-                    ranked = [hit.path for hit in index._rank(caption, 5, **signals)]
-                    found[name][0] += ranked[:1] == [path]
-                    found[name][1] += path in ranked
-                    found[name][2] += number == 0 and path in ranked
+                for name, signals in rankings.items():
+                    ranked = [hit.path for hit in index._rank(caption, TOP, **signals)]
+                    ranks[name].append(ranked.index(path) + 1 if path in ranked else TOP + 1)
         photos = len(index)
     searched = time.perf_counter() - start - indexed
 
     print(
-        f"{queries} queries (reference captions) over {photos} photos of {args.data} ({args.split}), "
-        f"model {args.model or SEARCH_MODEL}; "
-        f"indexing {indexed:.0f} s ({counts['added'] + counts['updated']} captioned, "
-        f"{counts['failed']} failed), "
-        f"searching {searched:.0f} s\n"
+        f"{queries:,} queries (reference captions) over a gallery of {photos:,} photos of {args.data} "
+        f"({args.split}), model {args.model or SEARCH_MODEL}, embedding {args.embedding}, beam "
+        f"{args.beam_size}; indexing {indexed:.0f} s ({counts['added'] + counts['updated']} captioned, "
+        f"{counts['failed']} failed), searching {searched:.0f} s\n"
     )
-    print("| ranking | recall@1 | recall@5 | photos found in the top 5 by their first caption |")
-    print("|---|---:|---:|---:|")
-    for name, (first, top5, photos_top5) in found.items():
-        q = max(queries, 1)
-        print(f"| {name} | {first / q:.3f} | {top5 / q:.3f} | {photos_top5 / max(len(references), 1):.3f} |")
+    print("| ranking | R@1 | R@5 | R@10 | median rank |\n|---|---:|---:|---:|---:|")
+    table = {}
+    for name, found in ranks.items():
+        r = np.array(found)
+        median = float(np.median(r))
+        table[name] = {f"R@{k}": float(100 * (r <= k).mean()) for k in (1, 5, 10)} | {
+            "median rank": median if median <= TOP else None
+        }
+        shown = f"{median:.0f}" if median <= TOP else f"> {TOP}"
+        row = table[name]
+        print(f"| {name} | {row['R@1']:.1f} | {row['R@5']:.1f} | {row['R@10']:.1f} | {shown} |")
+    if args.output:
+        meta = {"data": args.data, "split": args.split, "photos": photos, "queries": queries}
+        Path(args.output).write_text(json.dumps({**meta, "rankings": table}, indent=2) + "\n")
     return 0
 
 

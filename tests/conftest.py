@@ -114,3 +114,33 @@ def tiny_model(tiny_data, tiny_features, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("run")
     return train(tiny_config(tiny_data, tiny_features, out, epochs=6), progress=False)
+
+
+def tiny_joint_config(tiny_data: Path, features: Path, out: Path, **train):
+    """A small search-embedding config (train.task search) over the tiny data set's feature cache."""
+    from captioner.config import from_dict
+
+    return from_dict(
+        {
+            "data": {"root": str(tiny_data), "features": str(features)},
+            "encoder": {"name": "efficientnet_lite0"},
+            "embedding": {"embed_dim": 32, "hidden_dim": 64, "dropout": 0.1},
+            "train": {
+                "task": "search",
+                "out_dir": str(out),
+                "epochs": 40,
+                "batch_size": 8,
+                "lr": 3e-3,
+                "patience": 100,
+                **train,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_embedding(tiny_data, tiny_features, tmp_path_factory) -> Path:
+    """A search embedding trained on the tiny data set's (EfficientNet-Lite0) features: its best folder."""
+    from captioner.search.train_joint import train_joint
+
+    return train_joint(tiny_joint_config(tiny_data, tiny_features, tmp_path_factory.mktemp("joint")))

@@ -199,6 +199,39 @@ def test_search_finds_the_expected_photo_first(page, url):
     assert "found" in page.text_content("#search-status")
 
 
+@pytest.fixture(scope="module")
+def url_with_embedding(browser, tiny_model, tiny_embedding, tiny_data, tmp_path_factory):
+    """A server whose index (captioned by the tiny model) has a search embedding: "More like this"."""
+    from captioner.model import Captioner
+    from captioner.search import PhotoIndex, attach_embedding
+    from captioner.search.joint import JointEmbedding
+    from captioner.server import create_app
+
+    captioner = Captioner.from_pretrained(tiny_model)
+    index = PhotoIndex(tmp_path_factory.mktemp("web-joint") / "photos.sqlite", create=True)
+    joint = JointEmbedding.from_pretrained(tiny_embedding)
+    index.update(tiny_data / "images", captioner, progress=False, joint=joint, joint_name=str(tiny_embedding))
+    assert attach_embedding(index)
+    with serve(create_app(captioner, index=index)) as address:
+        yield address
+    index.close()
+
+
+def test_more_like_this_shows_the_photos_nearest_a_hit(page, url, url_with_embedding):
+    search_photos(page, url, "a green circle")
+    assert page.locator("#hits .more").count() == 0  # no embedding in that index: no button
+
+    search_photos(page, url_with_embedding, "a green circle")
+    first = page.locator("#hits figure").first
+    clicked = first.locator(".path").inner_text().split(" · ")[0]
+    first.locator(".more").click()
+    page.wait_for_function(
+        "document.getElementById('search-status').textContent.includes('photos like')", timeout=TIMEOUT_MS
+    )
+    paths = [p.split(" · ")[0] for p in page.locator("#hits .path").all_inner_texts()]
+    assert len(paths) == 12 and clicked not in paths and clicked in page.text_content("#search-status")
+
+
 # --- screenshots for the documentation ---
 
 

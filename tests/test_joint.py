@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from captioner.config import from_dict
 from captioner.errors import CheckpointError, TrainingRunError
 from captioner.search.joint import JointConfig, JointEmbedding, contrastive_loss, recall_at
 from captioner.search.train_joint import train_joint
+from conftest import tiny_joint_config
 
 
 def test_recall_at_counts_ranks_by_hand():
@@ -38,28 +38,12 @@ def test_contrastive_loss_is_lower_for_matching_pairs():
 
 
 def _config(tiny_data, tiny_features, out, **train):
-    return from_dict(
-        {
-            "data": {"root": str(tiny_data), "features": str(tiny_features)},
-            "encoder": {"name": "efficientnet_lite0"},
-            "embedding": {"embed_dim": 32, "hidden_dim": 64, "dropout": 0.1},
-            "train": {
-                "task": "search",
-                "out_dir": str(out),
-                "epochs": 40,
-                "batch_size": 8,
-                "lr": 3e-3,
-                "patience": 100,
-                **train,
-            },
-        }
-    )
+    return tiny_joint_config(tiny_data, tiny_features, out, **train)
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data, tiny_features, tmp_path_factory):
-    out = tmp_path_factory.mktemp("joint")
-    return train_joint(_config(tiny_data, tiny_features, out)), out
+def trained(tiny_embedding):
+    return tiny_embedding, tiny_embedding.parent
 
 
 def test_training_finds_the_photos_of_captions_it_never_saw(trained):

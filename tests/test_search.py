@@ -13,8 +13,9 @@ import torch
 
 from captioner import inference
 from captioner.cli import main
+from captioner.errors import SearchIndexError
 from captioner.generation import GenerationOptions
-from captioner.search import SCHEMA_VERSION, PhotoIndex, attach_model, fuse
+from captioner.search import SCHEMA_VERSION, PhotoIndex, attach_embedding, attach_model, fuse
 
 FIXTURES = Path(__file__).parent / "fixtures" / "images"
 CAPTIONS = {  # photo -> its n-best captions, best first
@@ -214,7 +215,8 @@ def test_search_command_formats(stored, capsys):
     assert main(["search", "a dog", "--db", str(stored), "--format", "jsonl"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(records) == 5 and [r["rank"] for r in records] == [1, 2, 3, 4, 5]
-    assert set(records[0]) == {"rank", "path", "caption", "score", "semantic", "keyword", "likelihood"}
+    fields = {"rank", "path", "caption", "score", "semantic", "keyword", "likelihood", "joint"}
+    assert set(records[0]) == fields
     assert Path(records[0]["path"]).stem == "dog" and records[0]["keyword"] > 0
 
 
@@ -258,12 +260,17 @@ def test_the_captioner_reranks_by_the_likelihood_of_the_query(captioner, tiny_mo
         assert all(h.likelihood is None for h in index.search("a blue square", 5))  # not attached yet
         assert index.attach(captioner)
         query = "a blue square on a white background"
-        hits = index.search(query, 40)  # every photo is a candidate here (fewer than RERANK)
+        # every photo is a candidate here (fewer than RERANK); first_stage=0: the likelihood alone orders
+        hits = index._rank(query, 40, first_stage=0.0)
         assert len(hits) == len(index) == 32
         values = [h.likelihood for h in hits]
         assert all(v is not None and v < 0 for v in values) and values == sorted(values, reverse=True)
         assert [h.score for h in hits] == pytest.approx(np.exp(values).tolist())
         assert {Path(h.path).stem.rsplit("_", 1)[0] for h in hits[:4]} == {"blue_square"}, values[:6]
+        # the default fuses that order with the first stage's: the same photos, each with its likelihood
+        fused = index.search(query, 40)
+        assert sorted(h.path for h in fused) == sorted(h.path for h in hits)
+        assert all(h.likelihood is not None for h in fused) and _kind(fused[0].path) == "blue_square"
         captions_only = index._rank(query, 40, rerank=False)
         assert all(h.likelihood is None for h in captions_only) and len(captions_only) == 32
 
@@ -276,3 +283,76 @@ def test_the_captioner_reranks_by_the_likelihood_of_the_query(captioner, tiny_mo
     with PhotoIndex(tmp_path / "photos.sqlite") as index:  # the index finds its own model by name
         assert index.model_name() == str(tiny_model)
         assert attach_model(index, loaded=other) and index.search(query, 1)[0].likelihood is not None
+
+
+def _kind(path: str) -> str:
+    return Path(path).stem.rsplit("_", 1)[0]  # red_circle_3.jpg -> red_circle
+
+
+def test_the_search_embedding_embeds_ranks_and_finds_similar_photos(
+    tiny_model, tiny_embedding, tiny_data, tmp_path, capsys
+):
+    from captioner.model import Captioner
+
+    folder, db = tmp_path / "photos", tmp_path / "photos.sqlite"
+    shutil.copytree(tiny_data / "images", folder)
+    index_args = ["index", str(folder), "--db", str(db), "--model", str(tiny_model)]
+    assert main([*index_args, "--embedding", str(tiny_embedding)]) == 0
+    capsys.readouterr()
+    with PhotoIndex(db) as index:
+        assert index.embedding_name() == str(tiny_embedding.resolve())
+        photos = index._photos()[4]
+        assert photos.shape == (32, 32) and np.allclose(np.linalg.norm(photos, axis=1), 1.0, atol=1e-2)
+        assert all(h.joint is None for h in index.search("a red circle", 3))  # not attached yet
+        assert attach_embedding(index) and index.embedding is not None
+        # the embedding alone (no captions, no keywords, no re-ranking) finds the shapes it was trained on
+        hits = index._rank("a red circle", 4, semantic=0, keyword=0, rerank=False)
+        assert [h.joint for h in hits] == sorted([h.joint for h in hits], reverse=True)
+        assert _kind(hits[0].path) == "red_circle", [(h.path, h.joint) for h in hits]
+        assert all(h.joint is not None for h in index.search("a red circle", 3))
+
+        red = str(folder / "red_circle_0.jpg")
+        alike = index.similar(red, 3)
+        assert len(alike) == 3 and red not in [h.path for h in alike]
+        assert [h.score for h in alike] == sorted([h.score for h in alike], reverse=True)
+        assert {_kind(h.path) for h in alike[:1]} == {"red_circle"}, alike
+        with pytest.raises(KeyError, match="not a photo in the index"):
+            index.similar(str(folder / "missing.jpg"))
+
+    # by photo from the command line: the photo itself is not a result, the rest are ranked alike
+    assert main(["search", "--image", red, "--db", str(db), "--top", "3"]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [p for _, _, p, _ in lines] == [h.path for h in alike]
+    with pytest.raises(SystemExit, match="one of them"):
+        main(["search", "red", "--image", red, "--db", str(db)])
+
+    # a re-index keeps the embedding the index was made with; another one re-embeds the stored features
+    assert main(index_args) == 0 and "32 unchanged" in capsys.readouterr().out
+    assert main([*index_args, "--embedding", "none"]) == 0
+    assert "-> none (0 photos embedded)" in capsys.readouterr().out
+    with PhotoIndex(db) as index:
+        assert index.embedding_name() is None and index._photos()[4] is None
+    assert main([*index_args, "--embedding", str(tiny_embedding)]) == 0
+    assert "-> " + str(tiny_embedding.resolve()) + " (32 photos embedded)" in capsys.readouterr().out
+    with PhotoIndex(db) as index:
+        assert np.allclose(index._photos()[4], photos, atol=1e-3)  # the same vectors as when captioning
+        with index._conn:  # a mixed index is refused, whatever the caller asks
+            index._conn.execute("UPDATE meta SET value = 'other' WHERE key = 'joint'")
+        with pytest.raises(SearchIndexError, match="made with other"):
+            index.update(folder, Captioner.from_pretrained(tiny_model), progress=False, joint=None)
+
+
+def test_the_bundled_embedding_is_used_only_for_its_own_encoder(tiny_model, tiny_data, tmp_path, capsys):
+    folder, db = tmp_path / "photos", tmp_path / "photos.sqlite"
+    folder.mkdir()
+    shutil.copy(tiny_data / "images" / "red_circle_0.jpg", folder)
+    # the tiny model reads EfficientNet-Lite0 features, the bundled embedding Lite2's
+    assert main(["index", str(folder), "--db", str(db), "--model", str(tiny_model)]) == 0
+    assert "does not read efficientnet_lite0" in capsys.readouterr().err
+    with PhotoIndex(db) as index:
+        assert index.embedding_name() is None and index._photos()[4] is None
+        assert index.similar(str(folder / "red_circle_0.jpg")) == []
+        with pytest.raises(SearchIndexError, match="without a search embedding"):
+            from captioner.search.commands import image_vector
+
+            image_vector(index, str(folder / "red_circle_0.jpg"))

@@ -283,3 +283,34 @@ def test_photo_serves_only_indexed_paths(search_client, tiny_data):
         assert r.status_code == 404, path
         assert "not a photo in the index" in r.json()["detail"]
     assert search_client.get("/api/photo", params={"path": str(inside), "size": "huge"}).status_code == 422
+
+
+def test_similar_photos_need_an_index_with_a_search_embedding(
+    model, search_client, tiny_model, tiny_embedding, tiny_data, tmp_path
+):
+    from captioner.search import PhotoIndex, attach_embedding
+
+    first = str(sorted((tiny_data / "images").glob("*.jpg"))[0])
+    assert search_client.get("/healthz").json()["similar"] is False
+    r = search_client.get("/api/similar", params={"path": first})
+    assert r.status_code == 404 and "no search embedding" in r.json()["detail"]
+
+    from captioner.search.joint import JointEmbedding
+
+    index = PhotoIndex(tmp_path / "photos.sqlite", create=True)
+    index.update(
+        tiny_data / "images",
+        model,
+        progress=False,
+        joint=JointEmbedding.from_pretrained(tiny_embedding),
+        joint_name=str(tiny_embedding),
+    )
+    assert attach_embedding(index)
+    with TestClient(create_app(model, index=index)) as c:
+        assert c.get("/healthz").json()["similar"] is True
+        body = c.get("/api/similar", params={"path": first, "top": 4}).json()
+        assert body["path"] == first and len(body["hits"]) == 4
+        assert first not in [h["path"] for h in body["hits"]] and body["hits"][0]["joint"] is not None
+        r = c.get("/api/similar", params={"path": "/etc/passwd"})
+        assert r.status_code == 404 and "not a photo in the index" in r.json()["detail"]
+    index.close()

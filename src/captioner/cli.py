@@ -185,10 +185,17 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--n-best", type=int, default=3)
     i.add_argument("--batch-size", type=int, default=16)
     i.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda or cuda:N")
+    i.add_argument(
+        "--embedding",
+        default=None,
+        help="search embedding to embed the photos with: a folder, a bundled name, or none (default: "
+        "flickr8k-search when it reads the model's encoder; a re-index keeps the index's own)",
+    )
     i.set_defaults(run=_index)
 
     q = sub.add_parser("search", help="find indexed photos by describing them in a sentence")
-    q.add_argument("query")
+    q.add_argument("query", nargs="?", help="what the photo shows, in words")
+    q.add_argument("--image", default=None, help="instead of a query: find the photos most like this one")
     q.add_argument("--db", default="photos.sqlite")
     q.add_argument("--top", type=int, default=5)
     q.add_argument(
@@ -228,6 +235,8 @@ def _index(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from captioner.search import search_command
 
+    if (args.query is None) == (args.image is None):
+        raise SystemExit("captioner search: give a query or --image PHOTO (one of them)")
     return search_command(args)
 
 

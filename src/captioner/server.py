@@ -220,6 +220,7 @@ def create_app(
             "decoder": decoder,
             "uptime_s": round(time.time() - started, 1),
             "search": index is not None,
+            "similar": index is not None and index.embedding is not None,
             "max_upload_bytes": max_upload_bytes,
             "batching": batcher.stats(),
         }
@@ -287,6 +288,28 @@ def create_app(
         ]
         return {"query": q, "hits": rounded}
 
+    @app.get("/api/similar")
+    async def similar(
+        path: Annotated[
+            str, Query(min_length=1, description="an indexed photo's path, as search returns it")
+        ],
+        top: Annotated[int, Query(ge=1, le=100)] = 12,
+    ) -> dict:
+        """The indexed photos most like an indexed photo, by the search embedding, best first."""
+        found = need_index()
+        if found.embedding is None:
+            raise HTTPException(
+                404, "the index has no search embedding (re-index with one to find similar photos)"
+            )
+        try:
+            hits = await run_in_threadpool(found.similar, path, top)
+        except KeyError:
+            raise HTTPException(404, f"{path}: not a photo in the index") from None
+        rounded = [
+            {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(h).items()} for h in hits
+        ]
+        return {"path": path, "hits": rounded}
+
     @functools.lru_cache(maxsize=512)  # ~10 KB each: a bounded few MB
     def thumbnail(path: str, mtime_ns: int) -> bytes:  # the file's mtime in the key: a changed file is redone
         image = load_image(path)
@@ -324,12 +347,16 @@ def serve_command(args: argparse.Namespace) -> int:
     captioner = Captioner.from_pretrained(args.model, device=args.device)
     index = None
     if args.db:
-        from captioner.search import PhotoIndex, attach_model
+        from captioner.search import PhotoIndex, attach_embedding, attach_model
 
         index = PhotoIndex(args.db)  # a missing file is an error, not a new empty index
         if not attach_model(index, loaded=captioner):
             print(
                 f"captioner: note: cannot load the model that made {args.db}; search uses its captions only"
+            )
+        if index.embedding_name() and not attach_embedding(index):
+            print(
+                f"captioner: note: cannot load the search embedding that made {args.db}; ranking without it"
             )
     app = create_app(
         captioner,

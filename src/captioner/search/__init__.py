@@ -18,16 +18,25 @@ P(query | photo), from the stored encoder features: that reads the photo, not a 
     commands.py    `captioner index` and `captioner search`
 """
 
-from captioner.search.commands import SEARCH_MODEL, attach_model, index_command, search_command
+from captioner.search.commands import (
+    SEARCH_EMBEDDING,
+    SEARCH_MODEL,
+    attach_embedding,
+    attach_model,
+    index_command,
+    search_command,
+)
 from captioner.search.fusion import fuse
 from captioner.search.index import RERANK, SCHEMA_VERSION, PhotoIndex, SearchHit
 
 __all__ = [
     "RERANK",
     "SCHEMA_VERSION",
+    "SEARCH_EMBEDDING",
     "SEARCH_MODEL",
     "PhotoIndex",
     "SearchHit",
+    "attach_embedding",
     "attach_model",
     "fuse",
     "index_command",

@@ -3,23 +3,59 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from captioner.errors import CaptionerError, SearchIndexError
 from captioner.generation import GenerationOptions
-from captioner.search.index import PhotoIndex
+from captioner.search.index import PhotoIndex, joint_id
 
 if TYPE_CHECKING:
     from captioner.model import Captioner
+    from captioner.search.joint import JointEmbedding
 
 # The model `captioner index` captions with by default: the cross-entropy Flickr8k model, not the bundled
 # default. Self-critical training pulls a model towards its own favourite captions, which blunts its
 # P(query | photo): on Flickr8k dev photos (benchmarks/search_recall.py) the cross-entropy model finds the
 # photo in the top 5 for 72.5% of queries, the self-critical one for 66.5%.
 SEARCH_MODEL = "flickr8k-xe"
+# The search embedding `captioner index` embeds photos with by default, when it reads the captioner's
+# encoder features (it does for flickr8k-xe): photos and sentences in one space, trained on Flickr8k.
+SEARCH_EMBEDDING = "flickr8k-search"
+
+
+def _resolved(name: str) -> str:
+    return str(Path(name).resolve()) if Path(name).is_dir() else name  # found again from anywhere
+
+
+def choose_embedding(
+    index: PhotoIndex, captioner: Captioner, requested: str | None
+) -> tuple[JointEmbedding | None, str | None]:
+    """The search embedding to index with, and its name: `requested` ("none" for none); else the one an
+    existing index was made with; else the bundled one if it reads this captioner's features."""
+    from captioner.search.joint import JointEmbedding
+
+    if requested == "none" or (requested is None and not index.is_new() and not index.embedding_name()):
+        return None, None
+    name = _resolved(requested or index.embedding_name() or SEARCH_EMBEDDING)
+    model = JointEmbedding.from_pretrained(name)
+    try:
+        model.check_features(captioner.encoder.name, captioner.encoder.preprocess)
+    except CaptionerError:
+        if requested is not None or not index.is_new():
+            raise
+        print(
+            f"captioner: note: the bundled search embedding does not read {captioner.encoder.name}'s "
+            "features; indexing with captions only (train one: docs/training.md)",
+            file=sys.stderr,
+        )
+        return None, None
+    return model, name
 
 
 def index_command(args) -> int:
@@ -28,12 +64,27 @@ def index_command(args) -> int:
 
     if not Path(args.folder).is_dir():  # before creating the database: a typo must not leave a file behind
         raise NotADirectoryError(f"{args.folder}: not a folder")
-    name = args.model or SEARCH_MODEL
-    name = str(Path(name).resolve()) if Path(name).is_dir() else name  # found again from anywhere
+    name = _resolved(args.model or SEARCH_MODEL)
     captioner = Captioner.from_pretrained(name, device=getattr(args, "device", "cpu"))
     with PhotoIndex(args.db, create=True) as index:
+        joint, joint_name = choose_embedding(index, captioner, getattr(args, "embedding", None))
+        had = index.embedding_name()
+        changed = index.embedding_id() != (joint_id(joint) if joint is not None else None)
+        if not index.is_new() and changed:  # another embedding (or new weights): from the stored features
+            n = index.reembed(captioner, joint, joint_name)
+            print(
+                f"{args.db}: search embedding {had or 'none'} -> {joint_name or 'none'} ({n} photos embedded)"
+            )
         options = GenerationOptions(beam_size=args.beam_size, n_best=args.n_best)
-        counts = index.update(args.folder, captioner, options, batch_size=args.batch_size, model_name=name)
+        counts = index.update(
+            args.folder,
+            captioner,
+            options,
+            batch_size=args.batch_size,
+            model_name=name,
+            joint=joint,
+            joint_name=joint_name,
+        )
         total = len(index)
     for message in counts["errors"]:
         print(f"captioner: error: {message}", file=sys.stderr)
@@ -61,8 +112,35 @@ def attach_model(index: PhotoIndex, name: str | None = None, loaded: Captioner |
         return False
 
 
+def attach_embedding(index: PhotoIndex) -> bool:
+    """Attach the search embedding `index` was made with, if it has one and it loads."""
+    from captioner.search.joint import JointEmbedding
+
+    name = index.embedding_name()
+    if name is None:
+        return False
+    try:
+        return index.attach_embedding(JointEmbedding.from_pretrained(name))
+    except (CaptionerError, OSError):
+        return False
+
+
+def image_vector(index: PhotoIndex, image: str) -> np.ndarray:
+    """`image` (any photo, indexed or not) in the search space of `index`'s attached embedding."""
+    from captioner.search.evaluate import photo_features
+
+    model = index.embedding
+    if model is None:
+        raise SearchIndexError(f"{index.db}: made without a search embedding, so it cannot search by photo")
+    _, pooled, grid, errors = photo_features(model, [Path(image)], [image], None)
+    if errors:
+        raise SearchIndexError(next(iter(errors.values())))
+    return model.images(pooled, grid if model.config.grid else None)[0]
+
+
 def search_command(args) -> int:
-    """`captioner search`: one line (text) or JSON object (jsonl) per hit, best first."""
+    """`captioner search`: one line (text) or JSON object (jsonl) per hit, best first; with --image, the
+    photos most like that one (by the search embedding) instead of a query's."""
     try:
         index = PhotoIndex(args.db)
     except (FileNotFoundError, SearchIndexError) as e:
@@ -72,13 +150,29 @@ def search_command(args) -> int:
         if not len(index):
             print(f"captioner: error: {args.db}: the index has no captioned photos yet", file=sys.stderr)
             return 1
-        if index.has_features() and not attach_model(index, args.model):
+        if index.embedding_name() and not attach_embedding(index):
             print(
-                f"captioner: note: cannot load the model that made {args.db} (pass it with --model); "
-                "ranking by the stored captions only",
+                f"captioner: note: cannot load the search embedding {index.embedding_name()} that made "
+                f"{args.db}; ranking without it",
                 file=sys.stderr,
             )
-        hits = index.search(args.query, args.top)
+        if args.image is not None:
+            try:
+                vector = image_vector(index, args.image)
+            except SearchIndexError as e:
+                print(f"captioner: error: {e}", file=sys.stderr)
+                return 1
+            same = os.path.realpath(args.image)  # the photo itself, if indexed, is not a result
+            hits = [h for h in index.similar_to(vector, args.top + 1) if os.path.realpath(h.path) != same]
+            hits = hits[: args.top]
+        else:
+            if index.has_features() and not attach_model(index, args.model):
+                print(
+                    f"captioner: note: cannot load the model that made {args.db} (pass it with --model); "
+                    "ranking by the stored captions only",
+                    file=sys.stderr,
+                )
+            hits = index.search(args.query, args.top)
     for rank, hit in enumerate(hits, 1):
         if args.format == "jsonl":
             print(json.dumps({"rank": rank, **asdict(hit)}))

@@ -21,14 +21,17 @@ from captioner.checkpoint import weights_digest
 from captioner.errors import CaptionerError, SearchIndexError
 from captioner.generation import GenerationOptions
 from captioner.search.embedder import EMBEDDER, embed
-from captioner.search.fusion import KEYWORD_WEIGHT, fuse
+from captioner.search.fusion import KEYWORD_WEIGHT, RRF_K, fuse
 from captioner.search.likelihood import query_log_likelihood
 
 if TYPE_CHECKING:
     from captioner.model import Captioner
+    from captioner.search.joint import JointEmbedding
 
-SCHEMA_VERSION = 3  # 3: visual labels (a column and an FTS5 field)
+SCHEMA_VERSION = 4  # 3: visual labels (a column and an FTS5 field); 4: the search embedding (joint)
 LABEL_MIN_P = 0.1  # labels at least this probable are searchable words: below, mostly noise
+JOINT_WEIGHT = 8.0  # of the search embedding's ranking in the first stage (fusion.fuse): chosen on dev
+FIRST_STAGE_WEIGHT = 1.0  # of the first stage's order in the second (0: P(query | photo) alone): on dev
 RERANK = 100  # how many of the caption signals' best candidates the captioner re-ranks (at least top_k)
 # Words nearly every caption has: in an OR query they would "match" every photo and add only noise.
 STOPWORDS = frozenset("a an the of in on at to and or with is are it its this that by for from".split())
@@ -45,6 +48,7 @@ CREATE TABLE IF NOT EXISTS photos (
     labels TEXT,                -- JSON: the encoder's visual labels [{"label", "p"}] (captioner.labels)
     embedding BLOB,             -- float32, L2-normalised: see _store_many
     features BLOB,              -- float16: the encoder's pooled features, then its grid, for P(query | photo)
+    joint BLOB,                 -- float16: the photo in the search embedding's space (search.joint)
     error TEXT                  -- why this photo has no caption
 );
 -- rowid = photos.id; porter stemming so "dogs running" matches "a dog runs"; a query matches either
@@ -63,12 +67,18 @@ class SearchHit:
     semantic: float  # cosine similarity of query and captions
     keyword: float  # FTS5 contribution (0 when no keyword matched)
     likelihood: float | None  # mean log-probability per word of the query as this photo's caption
+    joint: float | None = None  # cosine similarity of query and photo in the search embedding, if any
 
 
 def model_id(captioner: Captioner) -> str:
     """Architecture and a hash of the weights: two trainings of one config are different models."""
     decoder = captioner.decoder_config.name
     return f"{captioner.encoder.name} + {decoder} decoder, weights sha256:{weights_digest(captioner)[:16]}"
+
+
+def joint_id(model: JointEmbedding) -> str:
+    """A hash of the search embedding's weights: the index's photo vectors are only comparable with it."""
+    return f"search embedding, weights sha256:{weights_digest(model)[:16]}"
 
 
 def _inside(path: str, root: str) -> bool:
@@ -91,6 +101,7 @@ class PhotoIndex:
         self._conn = sqlite3.connect(self.db, timeout=30, check_same_thread=False)
         self._cache: tuple | None = None
         self._captioner: Captioner | None = None
+        self._joint: JointEmbedding | None = None
         try:
             self._open(create)
         except BaseException:
@@ -129,6 +140,33 @@ class PhotoIndex:
         self._captioner = captioner if made_by is not None and made_by == model_id(captioner) else None
         return self._captioner is not None
 
+    def attach_embedding(self, model: JointEmbedding) -> bool:
+        """Let search rank by the search embedding `model`, if it is the one that embedded the photos."""
+        with self._lock:
+            made_by = self._meta("joint")
+        self._joint = model if made_by is not None and made_by == joint_id(model) else None
+        return self._joint is not None
+
+    @property
+    def embedding(self) -> JointEmbedding | None:
+        """The attached search embedding, if any (see attach_embedding)."""
+        return self._joint
+
+    def embedding_id(self) -> str | None:
+        """The weights digest (joint_id) of the search embedding the photos were embedded with, if any."""
+        with self._lock:
+            return self._meta("joint")
+
+    def embedding_name(self) -> str | None:
+        """The bundled name or folder of the search embedding the photos were embedded with, if any."""
+        with self._lock:
+            return self._meta("joint_name")
+
+    def is_new(self) -> bool:
+        """Whether no photo has been indexed yet (the index has not recorded its models)."""
+        with self._lock:
+            return self._meta("model") is None
+
     def model_name(self) -> str | None:
         """The bundled model name or checkpoint directory the index was made with, if it recorded one."""
         with self._lock:
@@ -152,12 +190,16 @@ class PhotoIndex:
         batch_size: int = 16,
         progress: bool = True,
         model_name: str | None = None,
+        joint: JointEmbedding | None = None,
+        joint_name: str | None = None,
     ) -> dict:
         """Caption what is new or changed under `folder` (size or mtime differ) and forget what is gone.
 
         Returns counts: added, updated, unchanged, removed, and failed: photos under `folder` left without
         a caption, by this run or by an earlier one (not retried until the file changes). `errors` holds
         one message per failed photo. A file that links outside `folder` is recorded as failed, unread.
+        `joint`, a search embedding of the captioner's encoder, also embeds each photo; an index keeps the
+        embedding (or none) it was made with.
         """
         from tqdm import tqdm
 
@@ -168,15 +210,26 @@ class PhotoIndex:
             raise NotADirectoryError(f"{folder}: not a folder")
         with self._lock:
             model, made_by = model_id(captioner), self._meta("model")
+            embedding = joint_id(joint) if joint is not None else None
+            if joint is not None:
+                joint.check_features(captioner.encoder.name, captioner.encoder.preprocess)
             if made_by is None:  # a new index: it records its model, and the name to load it by
                 with self._conn:
-                    self._conn.execute("INSERT INTO meta VALUES ('model', ?)", (model,))
-                    if model_name is not None:
-                        self._conn.execute("INSERT INTO meta VALUES ('model_name', ?)", (model_name,))
+                    meta = [("model", model), ("model_name", model_name)]
+                    meta += [("joint", embedding), ("joint_name", joint_name)]
+                    self._conn.executemany(
+                        "INSERT INTO meta VALUES (?, ?)", [(k, v) for k, v in meta if v is not None]
+                    )
             elif made_by != model:
                 raise SearchIndexError(
                     f"{self.db}: captioned by {made_by}, not {model}; index into a new --db so that "
                     "all captions come from one model"
+                )
+            elif self._meta("joint") != embedding:
+                had = self._meta("joint") or "no search embedding"
+                raise SearchIndexError(
+                    f"{self.db}: made with {had}, not {embedding or 'none'}; index into a new --db so "
+                    "that every photo is embedded alike"
                 )
             known = {
                 p: (s, m, e)
@@ -200,7 +253,7 @@ class PhotoIndex:
                 (todo if _inside(str(path), str(root)) else outside).append((path, stat, old is None))
 
         def record(done: list[tuple[Path, os.stat_result, bool, dict]]) -> None:
-            self._store_many([(str(p), st.st_size, st.st_mtime, r, str(root)) for p, st, _, r in done])
+            self._store_many([(str(p), st.st_size, st.st_mtime, r, str(root)) for p, st, _, r in done], joint)
             for _, _, new, result in done:
                 if "error" in result:
                     counts["failed"] += 1
@@ -234,11 +287,21 @@ class PhotoIndex:
                 self._delete(path)
         return {**counts, "removed": len(gone), "errors": errors}
 
-    def _store(self, path: str, size: int, mtime: float, result: dict, root: str | None = None) -> None:
+    def _store(
+        self,
+        path: str,
+        size: int,
+        mtime: float,
+        result: dict,
+        root: str | None = None,
+        joint: JointEmbedding | None = None,
+    ) -> None:
         """Store one captioning result (or error) for `path`, replacing an earlier one."""
-        self._store_many([(path, size, mtime, result, os.path.realpath(root or Path(path).parent))])
+        self._store_many([(path, size, mtime, result, os.path.realpath(root or Path(path).parent))], joint)
 
-    def _store_many(self, rows: list[tuple[str, int, float, dict, str]]) -> None:
+    def _store_many(
+        self, rows: list[tuple[str, int, float, dict, str]], joint: JointEmbedding | None = None
+    ) -> None:
         # One embedding per photo: the mean of its n-best captions' embeddings, re-normalised. The n best of
         # a beam search are mostly paraphrases, so their mean is a centroid that damps one odd beam, keeps
         # search a single matrix product, and still leans towards words only an alternative has (the FTS
@@ -246,6 +309,7 @@ class PhotoIndex:
         nbest = [[] if "error" in r[3] else r[3].get("captions") or [r[3]] for r in rows]
         texts = [c["caption"] for captions in nbest for c in captions]
         vectors = iter(embed(texts) if texts else [])
+        photos = iter(self._joint_vectors(joint, [r[3] for r in rows]) if joint is not None else [])
         with self._lock, self._conn:
             for (path, size, mtime, result, root), captions in zip(rows, nbest, strict=True):
                 self._delete(path)
@@ -255,13 +319,14 @@ class PhotoIndex:
                     embedding = (mean / (np.linalg.norm(mean) or 1.0)).astype("<f4").tobytes()
                 caption, nbest_json = result.get("caption"), json.dumps(captions) if captions else None
                 labels = result.get("labels") or []
-                features = None
+                features = joint_vector = None
                 if result.get("features") is not None:
                     pooled, grid = (np.asarray(t, dtype="<f2").ravel() for t in result["features"])
                     features = np.concatenate([pooled, grid]).tobytes()
+                    joint_vector = next(photos).astype("<f2").tobytes() if joint is not None else None
                 rowid = self._conn.execute(
                     "INSERT INTO photos (path, root, size, mtime, caption, captions, labels, embedding, "
-                    "features, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "features, joint, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         path,
                         root,
@@ -272,6 +337,7 @@ class PhotoIndex:
                         json.dumps(labels) if captions else None,
                         embedding,
                         features,
+                        joint_vector,
                         result.get("error"),
                     ),
                 ).lastrowid
@@ -283,13 +349,58 @@ class PhotoIndex:
                         (rowid, text, words),
                     )
 
+    def reembed(
+        self, captioner: Captioner, joint: JointEmbedding | None, joint_name: str | None, batch: int = 512
+    ) -> int:
+        """Embed every indexed photo again with the search embedding `joint` (None: drop the vectors), from
+        the encoder features the index stores, so a new embedding needs no re-captioning. `captioner` is
+        the model that made the index (its encoder made the features). Returns how many were embedded."""
+        with self._lock:
+            if self._meta("model") != model_id(captioner):
+                raise SearchIndexError(f"{self.db}: not captioned by {model_id(captioner)}")
+            if joint is not None:
+                joint.check_features(captioner.encoder.name, captioner.encoder.preprocess)
+            rows = self._conn.execute("SELECT id, features FROM photos WHERE features IS NOT NULL").fetchall()
+            vectors: list[tuple[bytes | None, int]] = []
+            for start in range(0, len(rows), batch):
+                chunk = rows[start : start + batch]
+                if joint is None:
+                    vectors += [(None, r[0]) for r in chunk]
+                    continue
+                dim = joint.config.feature_dim
+                flat = [np.frombuffer(r[1], dtype="<f2").astype(np.float32) for r in chunk]
+                pooled = np.stack([f[:dim] for f in flat])
+                grid = np.stack([f[dim:].reshape(-1, dim) for f in flat]) if joint.config.grid else None
+                out = joint.images(pooled, grid).astype("<f2")
+                vectors += [(v.tobytes(), r[0]) for v, r in zip(out, chunk, strict=True)]
+            meta = {"joint": joint_id(joint) if joint is not None else None, "joint_name": joint_name}
+            with self._conn:
+                self._conn.execute("UPDATE photos SET joint = NULL")
+                self._conn.executemany("UPDATE photos SET joint = ? WHERE id = ?", vectors)
+                self._conn.execute("DELETE FROM meta WHERE key IN ('joint', 'joint_name')")
+                self._conn.executemany(
+                    "INSERT INTO meta VALUES (?, ?)", [(k, v) for k, v in meta.items() if v is not None]
+                )
+            self._joint = None  # attach the new one to search with it
+        return len(rows) if joint is not None else 0
+
+    @staticmethod
+    def _joint_vectors(joint: JointEmbedding, results: list[dict]) -> np.ndarray:
+        """The search embedding's vectors of the results that carry encoder features, in order."""
+        have = [r["features"] for r in results if r.get("features") is not None]
+        if not have:
+            return np.zeros((0, joint.config.embed_dim), np.float32)
+        pooled = np.stack([np.asarray(p, dtype=np.float32).reshape(-1) for p, _ in have])
+        grid = np.stack([np.asarray(g, dtype=np.float32) for _, g in have]) if joint.config.grid else None
+        return joint.images(pooled, grid)
+
     def _delete(self, path: str) -> None:
         for (rowid,) in self._conn.execute("SELECT id FROM photos WHERE path = ?", (path,)).fetchall():
             self._conn.execute("DELETE FROM captions_fts WHERE rowid = ?", (rowid,))
             self._conn.execute("DELETE FROM photos WHERE id = ?", (rowid,))
 
     def search(self, query: str, top_k: int = 5) -> list[SearchHit]:
-        """The `top_k` photos best described by `query`, best first (semantic and keyword, see `_fuse`)."""
+        """The `top_k` photos best described by `query`, best first (see `captioner.search`)."""
         return self._rank(query, top_k)
 
     def _rank(
@@ -297,27 +408,43 @@ class PhotoIndex:
         query: str,
         top_k: int,
         *,
+        joint: float = JOINT_WEIGHT,
         semantic: float = 1.0,
         keyword: float = KEYWORD_WEIGHT,
         rerank: bool = True,
         labels: bool = True,
+        first_stage: float = FIRST_STAGE_WEIGHT,
     ) -> list[SearchHit]:
         """`search` with other weights: 0 turns a signal off (keyword alone ranks only the matches),
-        rerank=False leaves out the captioner's second stage, labels=False the labels' keywords."""
+        rerank=False leaves out the captioner's second stage, labels=False the labels' keywords;
+        first_stage > 0 fuses the first stage's ranking into the second (0: P(query | photo) alone)."""
         with self._lock:
-            ids, paths, captions, matrix = self._photos()
+            ids, paths, captions, matrix, photos = self._photos()
             matches = self._keyword_ranks(query, labels) if keyword else {}
         if not ids or top_k <= 0:
             return []
-        similarity = matrix @ embed([query])[0]
-        score, keyword_term = fuse(similarity, [matches.get(i) for i in ids], semantic, keyword)
-        order = [i for i in range(len(ids)) if semantic or keyword_term[i] > 0]
+        sentence = embed([query])
+        similarity = matrix @ sentence[0]
+        joint_similarity = None
+        if self._joint is not None and photos is not None and joint > 0:
+            joint_similarity = photos @ self._joint.texts(sentence)[0]
+        score, keyword_term = fuse(
+            similarity, [matches.get(i) for i in ids], semantic, keyword, joint_similarity, joint
+        )
+        ranked_by_all = semantic or (joint_similarity is not None)
+        order = [i for i in range(len(ids)) if ranked_by_all or keyword_term[i] > 0]
         order.sort(key=lambda i: (-score[i], -similarity[i]))
         loglik: dict[int, float] = {}
         if self._captioner is not None and rerank:
             pool = order[: max(RERANK, top_k)]
             loglik = self._likelihoods(query, [ids[i] for i in pool])
             scored = sorted((i for i in pool if ids[i] in loglik), key=lambda i: -loglik[ids[i]])
+            if first_stage > 0:  # reciprocal rank fusion of the two stages' orders of the candidates
+                before = {i: r for r, i in enumerate(pool, 1)}
+                fused = {
+                    i: 1 / (RRF_K + r) + first_stage / (RRF_K + before[i]) for r, i in enumerate(scored, 1)
+                }
+                scored.sort(key=lambda i: -fused[i])
             order = scored + [i for i in order if ids[i] not in loglik]
         return [
             SearchHit(
@@ -327,8 +454,35 @@ class PhotoIndex:
                 float(similarity[i]),
                 float(keyword_term[i]),
                 loglik.get(ids[i]),
+                None if joint_similarity is None else float(joint_similarity[i]),
             )
             for i in order[:top_k]
+        ]
+
+    def similar(self, path: str, top_k: int = 5) -> list[SearchHit]:
+        """The `top_k` indexed photos most like the indexed photo `path` (itself left out), by the search
+        embedding; [] if the index has none. Raises KeyError if `path` is not an indexed photo."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT joint FROM photos WHERE path = ? AND error IS NULL", (str(path),)
+            ).fetchone()
+        if row is None:
+            raise KeyError(f"{path}: not a photo in the index")
+        if row[0] is None:
+            return []
+        return self.similar_to(np.frombuffer(row[0], dtype="<f2").astype(np.float32), top_k, exclude=path)
+
+    def similar_to(self, vector: np.ndarray, top_k: int = 5, exclude: str | None = None) -> list[SearchHit]:
+        """The `top_k` indexed photos nearest to a search-embedding photo vector, best first."""
+        with self._lock:
+            ids, paths, captions, _, photos = self._photos()
+        if photos is None or top_k <= 0:
+            return []
+        cosine = photos @ vector.astype(np.float32)
+        order = [i for i in np.argsort(-cosine, kind="stable") if paths[i] != exclude][:top_k]
+        return [
+            SearchHit(paths[i], captions[i], float(cosine[i]), 0.0, 0.0, None, float(cosine[i]))
+            for i in order
         ]
 
     def _likelihoods(self, query: str, photo_ids: list[int]) -> dict[int, float]:
@@ -345,15 +499,20 @@ class PhotoIndex:
         values = query_log_likelihood(self._captioner, query, features)
         return {photo: float(v) for (photo, _), v in zip(rows, values, strict=True)}
 
-    def _photos(self) -> tuple[list[int], list[str], list[str], np.ndarray]:
-        """Ids, paths, captions and the [N, D] embeddings, re-read only when the database has changed."""
+    def _photos(self) -> tuple[list[int], list[str], list[str], np.ndarray, np.ndarray | None]:
+        """Ids, paths, captions, the [N, D] caption embeddings and the [N, E] search-embedding vectors
+        (None when the index has none), re-read only when the database has changed."""
         version = (self._conn.execute("PRAGMA data_version").fetchone()[0], self._conn.total_changes)
         if self._cache is None or self._cache[0] != version:
             rows = self._conn.execute(
-                "SELECT id, path, caption, embedding FROM photos WHERE error IS NULL ORDER BY id"
+                "SELECT id, path, caption, embedding, joint FROM photos WHERE error IS NULL ORDER BY id"
             ).fetchall()
             matrix = np.stack([np.frombuffer(r[3], dtype="<f4") for r in rows]) if rows else np.zeros((0, 1))
-            self._cache = (version, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], matrix)
+            photos = None
+            if rows and all(r[4] is not None for r in rows):
+                photos = np.stack([np.frombuffer(r[4], dtype="<f2") for r in rows]).astype(np.float32)
+            ids, paths, captions = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+            self._cache = (version, ids, paths, captions, matrix, photos)
         return self._cache[1:]
 
     def _keyword_ranks(self, query: str, labels: bool = True) -> dict[int, int]:

@@ -10,6 +10,7 @@ let photo = null; // its decoded <img>, drawn on the canvas
 let attention = null; // {grid: [H, W], words, weights: [[H*W] per word], resize}
 let pinned = -1; // the clicked word: shown when no word is hovered or focused
 let maxUpload = 0; // the server's upload limit in bytes, from /healthz
+let similarOn = false; // whether the index has a search embedding ("more like this"), from /healthz
 let latest = 0; // number of the latest caption request: older answers arriving late are dropped
 
 function say(text, isError = false) {
@@ -212,10 +213,19 @@ async function search(event) {
   event.preventDefault();
   const q = $("query").value.trim();
   if (!q) return;
+  await showHits(`/api/search?${new URLSearchParams({ q, top: 12 })}`, `"${q}"`);
+}
+
+// "More like this": the photos nearest to an indexed one in the search embedding's space.
+async function similar(hit) {
+  await showHits(`/api/similar?${new URLSearchParams({ path: hit.path, top: 12 })}`, `photos like ${hit.path}`);
+}
+
+async function showHits(url, what) {
   $("search-status").textContent = "Searching…";
   let response, body;
   try {
-    response = await fetch(`/api/search?${new URLSearchParams({ q, top: 12 })}`);
+    response = await fetch(url);
     body = await response.json();
   } catch (err) {
     $("search-status").textContent = `The server did not answer (${err.message}).`;
@@ -243,12 +253,21 @@ async function search(event) {
     path.className = "path";
     path.textContent = `${hit.path} · score ${hit.score.toFixed(3)}`;
     text.append(hit.caption, path);
+    if (similarOn) {
+      const more = document.createElement("button");
+      more.type = "button";
+      more.className = "more";
+      more.textContent = "More like this";
+      more.setAttribute("aria-label", `More photos like this one: ${hit.caption}`);
+      more.addEventListener("click", () => similar(hit));
+      text.append(more);
+    }
     figure.append(link, text);
     li.append(figure);
     list.append(li);
   }
   const n = body.hits.length;
-  $("search-status").textContent = n ? `${n} photo${n > 1 ? "s" : ""} found for "${q}".` : `No photos match "${q}".`;
+  $("search-status").textContent = n ? `${n} photo${n > 1 ? "s" : ""} found for ${what}.` : `No photos found for ${what}.`;
 }
 
 async function copyAlt() {
@@ -294,6 +313,7 @@ function setup() {
     .then((h) => {
       $("model").textContent = `Model: ${h.model} (${h.encoder} encoder, ${h.decoder} decoder)`;
       $("search-section").hidden = !h.search;
+      similarOn = Boolean(h.similar);
       maxUpload = h.max_upload_bytes;
     });
 }
