@@ -257,18 +257,18 @@ def test_the_captioner_reranks_by_the_likelihood_of_the_query(captioner, tiny_mo
     with PhotoIndex(tmp_path / "photos.sqlite", create=True) as index:
         index.update(folder, captioner, progress=False, model_name=str(tiny_model))
         assert index.has_features()
-        assert all(h.likelihood is None for h in index.search("a blue square", 5))  # not attached yet
+        assert all(h.likelihood is None for h in index.search("a blue square", 5, rerank=True))  # unattached
         assert index.attach(captioner)
         query = "a blue square on a white background"
         # every photo is a candidate here (fewer than RERANK); first_stage=0: the likelihood alone orders
-        hits = index._rank(query, 40, first_stage=0.0)
+        hits = index._rank(query, 40, rerank=True, first_stage=0.0)
         assert len(hits) == len(index) == 32
         values = [h.likelihood for h in hits]
         assert all(v is not None and v < 0 for v in values) and values == sorted(values, reverse=True)
         assert [h.score for h in hits] == pytest.approx(np.exp(values).tolist())
         assert {Path(h.path).stem.rsplit("_", 1)[0] for h in hits[:4]} == {"blue_square"}, values[:6]
-        # the default fuses that order with the first stage's: the same photos, each with its likelihood
-        fused = index.search(query, 40)
+        # by default that order is fused with the first stage's: the same photos, each with its likelihood
+        fused = index.search(query, 40, rerank=True)
         assert sorted(h.path for h in fused) == sorted(h.path for h in hits)
         assert all(h.likelihood is not None for h in fused) and _kind(fused[0].path) == "blue_square"
         captions_only = index._rank(query, 40, rerank=False)
@@ -278,11 +278,14 @@ def test_the_captioner_reranks_by_the_likelihood_of_the_query(captioner, tiny_mo
         with torch.no_grad():
             other.decoder.fc.bias.add_(0.1)  # another model: its features or likelihoods would not fit
         assert not index.attach(other)
-        assert all(h.likelihood is None for h in index.search(query, 3))
+        assert all(h.likelihood is None for h in index.search(query, 3, rerank=True))
 
     with PhotoIndex(tmp_path / "photos.sqlite") as index:  # the index finds its own model by name
         assert index.model_name() == str(tiny_model)
-        assert attach_model(index, loaded=other) and index.search(query, 1)[0].likelihood is not None
+        assert (
+            attach_model(index, loaded=other)
+            and index.search(query, 1, rerank=True)[0].likelihood is not None
+        )
 
 
 def _kind(path: str) -> str:

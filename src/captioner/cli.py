@@ -201,6 +201,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--model", default=None, help="the model that made the index (default: the one it records)"
     )
+    q.add_argument(
+        "--rerank",
+        action="store_true",
+        help="re-rank the best 100 by P(query | photo) with the index's model (slower; see the README)",
+    )
     q.add_argument("--format", choices=["text", "jsonl"], default="text")
     q.set_defaults(run=_search)
 

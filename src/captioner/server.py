@@ -280,9 +280,10 @@ def create_app(
     async def search(
         q: Annotated[str, Query(min_length=1, max_length=500, description="words to look for")],
         top: Annotated[int, Query(ge=1, le=100)] = 12,
+        rerank: Annotated[bool, Query(description="add P(query | photo) re-ranking (slower)")] = False,
     ) -> dict:
-        """The indexed photos whose captions best match the query, best first."""
-        hits = await run_in_threadpool(need_index().search, q, top)
+        """The indexed photos that best match the query, best first."""
+        hits = await run_in_threadpool(need_index().search, q, top, rerank)
         rounded = [
             {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(h).items()} for h in hits
         ]

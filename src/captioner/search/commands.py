@@ -166,13 +166,14 @@ def search_command(args) -> int:
             hits = [h for h in index.similar_to(vector, args.top + 1) if os.path.realpath(h.path) != same]
             hits = hits[: args.top]
         else:
-            if index.has_features() and not attach_model(index, args.model):
+            rerank = getattr(args, "rerank", False)
+            if rerank and index.has_features() and not attach_model(index, args.model):
                 print(
                     f"captioner: note: cannot load the model that made {args.db} (pass it with --model); "
                     "ranking by the stored captions only",
                     file=sys.stderr,
                 )
-            hits = index.search(args.query, args.top)
+            hits = index.search(args.query, args.top, rerank=rerank)
     for rank, hit in enumerate(hits, 1):
         if args.format == "jsonl":
             print(json.dumps({"rank": rank, **asdict(hit)}))
