@@ -286,3 +286,42 @@ def test_image_tensor_is_bit_identical_across_calls_and_inputs() -> None:
     assert torch.equal(first, image_tensor(path, pre))
     assert torch.equal(first, image_tensor(path.read_bytes(), pre))
     assert torch.equal(first, build_transform(pre)(load_image(path)))
+
+
+def _rotated_jpeg(width: int, height: int) -> bytes:
+    """A JPEG stored width x height with EXIF orientation 6: red band on the stored left, blue on the right."""
+    img = Image.new("RGB", (width, height), GREEN)
+    img.paste(RED, (0, 0, width // 8, height))
+    img.paste(BLUE, (width - width // 8, 0, width, height))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=95, exif=exif)
+    return out.getvalue()
+
+
+def test_draft_decoding_keeps_orientation_and_enough_pixels() -> None:
+    data = _rotated_jpeg(1600, 800)
+    full = load_image(data)
+    small = load_image(data, min_side=100)
+    assert full.size == (800, 1600)
+    assert small.size == (100, 200)  # decoded at 1/8 scale: both sides still >= 100
+    for img in (full, small):  # upright: the stored left band is now on top
+        w, h = img.size
+        assert close(img.getpixel((w // 2, h // 40)), RED) and close(img.getpixel((w // 2, h - h // 40)), BLUE)
+
+
+def test_draft_decoding_gives_the_encoder_nearly_the_same_tensor() -> None:
+    pre = Preprocess(size=64)
+    data = _rotated_jpeg(2048, 1024)
+    drafted = image_tensor(data, pre)  # decoded at >= 2 x 64 a side
+    full = build_transform(pre)(load_image(data))
+    assert drafted.shape == full.shape == (3, 64, 64)
+    assert float((drafted - full).abs().mean()) < 0.02
+    assert load_image(data, min_side=10_000).size == (1024, 2048)  # never below the file's own size
+
+
+def test_draft_leaves_other_formats_alone() -> None:
+    out = io.BytesIO()
+    Image.new("RGB", (400, 200), RED).save(out, "PNG")
+    assert load_image(out.getvalue(), min_side=50).size == (400, 200)

@@ -38,7 +38,7 @@ from captioner.encoders import Encoder, create_encoder
 from captioner.errors import CheckpointError
 from captioner.generation import GenerationOptions
 from captioner.grounding import Grounded, GroundingPlan, GroundingSettings
-from captioner.images import Preprocess, build_transform, load_image
+from captioner.images import Preprocess, image_tensor
 from captioner.labels import Label, label_head
 from captioner.vocab import Vocabulary
 
@@ -359,8 +359,7 @@ class Captioner(nn.Module):
         """Caption one image path (returns a Caption) or a list of them (returns a list)."""
         single = isinstance(images, str | os.PathLike)
         paths = [images] if isinstance(images, str | os.PathLike) else list(images)  # narrows for mypy
-        transform = build_transform(self.encoder.preprocess)
-        batch = torch.stack([transform(load_image(p)) for p in paths])
+        batch = torch.stack([image_tensor(p, self.encoder.preprocess) for p in paths])
         results = self.caption_tensors(batch, options, **kwargs)
         return results[0] if single else results
 

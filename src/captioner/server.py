@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 
 from captioner.errors import ImageError
 from captioner.generation import GenerationOptions
-from captioner.images import build_transform, load_image
+from captioner.images import build_transform, decode_side, load_image
 
 if TYPE_CHECKING:
     import torch
@@ -204,7 +204,7 @@ def create_app(
     app.state.batcher = batcher
 
     def prepare(data: bytes, filename: str) -> torch.Tensor:
-        return transform(load_image(data, name=filename))
+        return transform(load_image(data, name=filename, min_side=decode_side(pre)))
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -313,7 +313,7 @@ def create_app(
 
     @functools.lru_cache(maxsize=512)  # ~10 KB each: a bounded few MB
     def thumbnail(path: str, mtime_ns: int) -> bytes:  # the file's mtime in the key: a changed file is redone
-        image = load_image(path)
+        image = load_image(path, min_side=THUMB_SIDE)
         image.thumbnail((THUMB_SIDE, THUMB_SIDE))
         out = io.BytesIO()
         image.save(out, "JPEG", quality=82)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from captioner.data import Example
 from captioner.errors import DataError, FeatureCacheError
 from captioner.features import FeatureStore, image_key
-from captioner.images import ImageError, build_transform, load_image
+from captioner.images import ImageError, build_transform, decode_side, image_tensor, load_image
 from captioner.model import Captioner
 from captioner.vocab import Vocabulary
 
@@ -71,15 +71,15 @@ class FeatureItems:
 class ImageItems:
     """Items read from image files through the shared pipeline; a bad image is skipped with a warning."""
 
-    def __init__(self, paths: Sequence[Path], targets: Sequence[Target], transform):
-        self.paths, self.targets, self.transform = paths, targets, transform
+    def __init__(self, paths: Sequence[Path], targets: Sequence[Target], transform, min_side: int | None):
+        self.paths, self.targets, self.transform, self.min_side = paths, targets, transform, min_side
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, i: int):
         try:
-            return self.transform(load_image(self.paths[i])), None, self.targets[i]
+            return self.transform(load_image(self.paths[i], min_side=self.min_side)), None, self.targets[i]
         except ImageError as e:
             tqdm.write(f"warning: skipping {e}")
             return None
@@ -134,7 +134,8 @@ class Source:
         if self.store is not None:
             return FeatureItems(self.store, [self.row(ex) for ex in examples], targets)
         transform = build_transform(self.model.encoder.preprocess, train=augment)
-        return ImageItems([ex.image for ex in examples], targets, transform)
+        pre = self.model.encoder.preprocess
+        return ImageItems([ex.image for ex in examples], targets, transform, decode_side(pre))
 
     def encode_tensors(
         self, inputs: torch.Tensor, grid: torch.Tensor | None
@@ -149,8 +150,7 @@ class Source:
         """Features of whole images (no augmentation), for validation; on the CPU when cached."""
         if self.store is not None:
             return self.store.features([self.row(ex) for ex in examples])
-        transform = build_transform(self.model.encoder.preprocess)
-        images = torch.stack([transform(load_image(ex.image)) for ex in examples])
+        images = torch.stack([image_tensor(ex.image, self.model.encoder.preprocess) for ex in examples])
         with torch.no_grad():
             return self.model.encoder(images.to(self.model.device))
 
