@@ -289,7 +289,7 @@ def test_image_tensor_is_bit_identical_across_calls_and_inputs() -> None:
 
 
 def _rotated_jpeg(width: int, height: int) -> bytes:
-    """A JPEG stored width x height with EXIF orientation 6: red band on the stored left, blue on the right."""
+    """A JPEG stored width x height, EXIF orientation 6: a red band on the stored left, blue on the right."""
     img = Image.new("RGB", (width, height), GREEN)
     img.paste(RED, (0, 0, width // 8, height))
     img.paste(BLUE, (width - width // 8, 0, width, height))
@@ -308,7 +308,8 @@ def test_draft_decoding_keeps_orientation_and_enough_pixels() -> None:
     assert small.size == (100, 200)  # decoded at 1/8 scale: both sides still >= 100
     for img in (full, small):  # upright: the stored left band is now on top
         w, h = img.size
-        assert close(img.getpixel((w // 2, h // 40)), RED) and close(img.getpixel((w // 2, h - h // 40)), BLUE)
+        assert close(img.getpixel((w // 2, h // 40)), RED)
+        assert close(img.getpixel((w // 2, h - h // 40)), BLUE)
 
 
 def test_draft_decoding_gives_the_encoder_nearly_the_same_tensor() -> None:

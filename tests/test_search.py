@@ -1,6 +1,7 @@
 """Photo index and search: incremental indexing with the tiny model, ranking on captions we choose."""
 
 import copy
+import io
 import json
 import os
 import shutil
@@ -215,9 +216,26 @@ def test_search_command_formats(stored, capsys):
     assert main(["search", "a dog", "--db", str(stored), "--format", "jsonl"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(records) == 5 and [r["rank"] for r in records] == [1, 2, 3, 4, 5]
-    fields = {"rank", "path", "caption", "score", "semantic", "keyword", "likelihood", "joint"}
-    assert set(records[0]) == fields
+    fields = {"query", "rank", "path", "caption", "score", "semantic", "keyword", "likelihood", "joint"}
+    assert set(records[0]) == fields and records[0]["query"] == "a dog"
     assert Path(records[0]["path"]).stem == "dog" and records[0]["keyword"] > 0
+
+
+def test_many_queries_in_one_start_up_match_one_at_a_time(stored, capsys, monkeypatch):
+    queries = ["a red circle", "a dog", "a blue square"]
+    alone = []
+    for query in queries:
+        assert main(["search", query, "--db", str(stored), "--top", "3"]) == 0
+        alone.append(capsys.readouterr().out.splitlines())
+    assert main(["search", *queries, "--db", str(stored), "--top", "3"]) == 0
+    together = capsys.readouterr().out.splitlines()
+    assert together == [line for q, lines in zip(queries, alone, strict=True) for line in [f"# {q}", *lines]]
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("a red circle\n\n  a dog  \n"))
+    assert main(["search", "-", "--db", str(stored), "--top", "3", "--format", "jsonl"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["query"] for r in records] == ["a red circle"] * 3 + ["a dog"] * 3  # blank lines skipped
+    assert [r["path"] for r in records[3:]] == [line.split("\t")[2] for line in alone[1]]
 
 
 def test_missing_empty_or_foreign_db_is_a_clear_error(tmp_path, capsys):

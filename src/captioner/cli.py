@@ -194,7 +194,12 @@ def _parser() -> argparse.ArgumentParser:
     i.set_defaults(run=_index)
 
     q = sub.add_parser("search", help="find indexed photos by describing them in a sentence")
-    q.add_argument("query", nargs="?", help="what the photo shows, in words")
+    q.add_argument(
+        "query",
+        nargs="*",
+        help="what the photo shows, in words; several queries search in one start-up, and - reads one "
+        "query per line from standard input",
+    )
     q.add_argument("--image", default=None, help="instead of a query: find the photos most like this one")
     q.add_argument("--db", default="photos.sqlite")
     q.add_argument("--top", type=int, default=5)
@@ -240,7 +245,7 @@ def _index(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from captioner.search import search_command
 
-    if (args.query is None) == (args.image is None):
+    if bool(args.query) == (args.image is not None):
         raise SystemExit("captioner search: give a query or --image PHOTO (one of them)")
     return search_command(args)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -140,7 +141,11 @@ def image_vector(index: PhotoIndex, image: str) -> np.ndarray:
 
 def search_command(args) -> int:
     """`captioner search`: one line (text) or JSON object (jsonl) per hit, best first; with --image, the
-    photos most like that one (by the search embedding) instead of a query's."""
+    photos most like that one (by the search embedding) instead of a query's.
+
+    Several queries (arguments, or one per line of standard input for ``-``) share one start-up: the
+    index, the sentence model and the embedding load once, and each query's results print as soon as they
+    are found, under a ``# query`` line in text form (each JSON object carries its query)."""
     try:
         index = PhotoIndex(args.db)
     except (FileNotFoundError, SearchIndexError) as e:
@@ -164,19 +169,39 @@ def search_command(args) -> int:
                 return 1
             same = os.path.realpath(args.image)  # the photo itself, if indexed, is not a result
             hits = [h for h in index.similar_to(vector, args.top + 1) if os.path.realpath(h.path) != same]
-            hits = hits[: args.top]
+            _print_hits(hits[: args.top], args.format, query=None, header=False)
+            return 0
+        rerank = getattr(args, "rerank", False)
+        if rerank and index.has_features() and not attach_model(index, args.model):
+            print(
+                f"captioner: note: cannot load the model that made {args.db} (pass it with --model); "
+                "ranking by the stored captions only",
+                file=sys.stderr,
+            )
+        queries = list(args.query)
+        header = len(queries) > 1 or queries == ["-"]
+        for query in _queries(queries):
+            hits = index.search(query, args.top, rerank=rerank)
+            _print_hits(hits, args.format, query=query, header=header)
+    return 0
+
+
+def _queries(args: list[str]) -> Iterator[str]:
+    """The queries in order; ``-`` stands for the non-blank lines of standard input, read as they come."""
+    for query in args:
+        if query == "-":
+            yield from (line.strip() for line in sys.stdin if line.strip())
         else:
-            rerank = getattr(args, "rerank", False)
-            if rerank and index.has_features() and not attach_model(index, args.model):
-                print(
-                    f"captioner: note: cannot load the model that made {args.db} (pass it with --model); "
-                    "ranking by the stored captions only",
-                    file=sys.stderr,
-                )
-            hits = index.search(args.query, args.top, rerank=rerank)
+            yield query
+
+
+def _print_hits(hits: list, fmt: str, *, query: str | None, header: bool) -> None:
+    if header and fmt == "text":
+        print(f"# {query}")
     for rank, hit in enumerate(hits, 1):
-        if args.format == "jsonl":
-            print(json.dumps({"rank": rank, **asdict(hit)}))
+        if fmt == "jsonl":
+            asked = {"query": query} if query is not None else {}
+            print(json.dumps({**asked, "rank": rank, **asdict(hit)}))
         else:
             print(f"{rank}\t{hit.score:.4f}\t{hit.path}\t{hit.caption}")
-    return 0
+    sys.stdout.flush()  # a pipe reading results query by query sees them now
