@@ -67,3 +67,40 @@ def test_download_encoder_offline_gives_a_clear_error():
     assert "could not get ImageNet weights for 'resnet50.tv_in1k'" in result.stderr
     assert "efficientnet_lite0" in result.stderr  # it names the offline alternatives
     assert "caught True" in result.stdout  # the project's own error, which `captioner` prints as one line
+
+
+@pytest.mark.parametrize("name", [*OFFLINE_ENCODERS, "resnet18"])
+def test_folded_encoder_matches_the_unfolded_one(name):
+    encoder = create_encoder(name, pretrained=name in OFFLINE_ENCODERS).eval()
+    size = encoder.preprocess.size
+    images = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        folded = encoder(images)  # no gradients, eval mode: the folded copy
+    assert encoder.__dict__["_folded"] is not None
+    names = [type(m).__name__ for m in encoder.__dict__["_folded"].modules()]
+    assert not {"BatchNorm2d", "BatchNormAct2d"} & set(names)  # every norm folded into its convolution
+    assert names.count("Conv2dSame") == names.count("_SamePadConv")  # and every "same" conv wrapped
+    plain = encoder(images)  # gradients on: the trainable backbone itself
+    for a, b in zip(folded, plain, strict=True):
+        assert torch.allclose(a, b.detach(), atol=1e-4, rtol=1e-4)
+    assert not any("_folded" in key for key in encoder.state_dict())
+
+
+def test_folded_copy_follows_mode_and_weights():
+    torch.manual_seed(0)
+    encoder = create_encoder("mobilenet_v2", pretrained=False).eval()
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        before = encoder(images)[0]
+        encoder.train()  # training mode: the backbone itself, batch statistics and all
+        assert encoder.__dict__["_folded"] is None
+        encoder.eval()
+        halve = lambda k, v: v * 0.5 if v.is_floating_point() and "running_var" not in k else v  # noqa: E731
+        state = {k: halve(k, v) for k, v in encoder.state_dict().items()}
+        encoder(images)
+        encoder.load_state_dict(state)  # new weights: refolded, never stale
+        after = encoder(images)[0]
+        encoder.__dict__["_folded"] = None
+        assert not torch.allclose(before, after)
+        plain = encoder.backbone.forward_features(images).mean(dim=(2, 3))
+        torch.testing.assert_close(after, plain, atol=1e-4, rtol=1e-4)

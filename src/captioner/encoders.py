@@ -61,10 +61,39 @@ class Encoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.contiguous(memory_format=torch.channels_last)
-        fmap = cast(_Backbone, self.backbone).forward_features(images)  # [B, D, H, W]
+        fmap = cast(_Backbone, self._inference_backbone()).forward_features(images)  # [B, D, H, W]
         pooled = fmap.mean(dim=(2, 3))
         grid = fmap.permute(0, 2, 3, 1).reshape(fmap.shape[0], -1, fmap.shape[1])  # [B, H*W, D]
         return pooled, grid
+
+    def _inference_backbone(self) -> nn.Module:
+        """The backbone with batch norms folded (captioner.folding) when nothing can train it: eval mode,
+        no gradients. Built on first use and kept outside the module tree (not in the state dict); any
+        change of mode, device, dtype or weights drops it."""
+        if self.training or torch.is_grad_enabled():
+            return self.backbone
+        folded = self.__dict__.get("_folded")
+        if folded is None:
+            from captioner.folding import fold_for_inference
+
+            folded = fold_for_inference(self.backbone).to(memory_format=torch.channels_last)
+            self.__dict__["_folded"] = folded
+        return folded
+
+    def _drop_folded(self) -> None:
+        self.__dict__["_folded"] = None
+
+    def train(self, mode: bool = True) -> Encoder:
+        self._drop_folded()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(), .cuda(): the copy would be stale
+        self._drop_folded()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # new weights
+        self._drop_folded()
+        return super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def classify(self, images: torch.Tensor) -> torch.Tensor:
