@@ -73,6 +73,8 @@ class Encoder(nn.Module):
         if self.training or torch.is_grad_enabled():
             return self.backbone
         folded = self.__dict__.get("_folded")
+        if folded is None and torch.jit.is_tracing():  # a copy made inside a trace is traced wrongly
+            return self.backbone
         if folded is None:
             from captioner.folding import fold_for_inference
 
@@ -84,7 +86,8 @@ class Encoder(nn.Module):
         self.__dict__["_folded"] = None
 
     def train(self, mode: bool = True) -> Encoder:
-        self._drop_folded()
+        if mode:  # eval() keeps the copy: exporters call it right before tracing
+            self._drop_folded()
         return super().train(mode)
 
     def _apply(self, fn, recurse=True):  # .to(), .half(), .cuda(): the copy would be stale

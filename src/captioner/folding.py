@@ -20,7 +20,7 @@ from torch import nn
 
 def fold_for_inference(backbone: nn.Module) -> nn.Module:
     """A folded, eval-mode deep copy of `backbone`; the original is untouched."""
-    model = copy.deepcopy(backbone).eval()
+    model = copy.deepcopy(backbone).eval().requires_grad_(False)
     for parent in list(model.modules()):
         children = list(parent.named_children())
         for (_, conv), (bn_name, bn) in zip(children, children[1:], strict=False):
