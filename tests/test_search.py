@@ -306,6 +306,37 @@ def test_the_captioner_reranks_by_the_likelihood_of_the_query(captioner, tiny_mo
         )
 
 
+def test_a_small_index_re_encodes_the_candidates_it_re_ranks(captioner, tiny_data, tmp_path):
+    """By default only the pooled features are stored: re-ranking encodes each candidate's grid from its
+    file (the same likelihoods as an index that kept the grids), and skips a photo whose file is gone."""
+    folder = tmp_path / "photos"
+    shutil.copytree(tiny_data / "images", folder)
+    query = "a blue square on a white background"
+    likelihoods = {}
+    for keep in (False, True):
+        with PhotoIndex(tmp_path / f"keep{keep}.sqlite", create=True) as index:
+            index.update(folder, captioner, progress=False, keep_grid=keep)
+            sizes = {n for (n,) in index._conn.execute("SELECT length(features) FROM photos")}
+            dim = captioner.encoder.feature_dim
+            cells = captioner.encoder.preprocess.size // 32  # the grid's side
+            assert sizes == {2 * dim * (1 + cells * cells if keep else 1)}  # float16: pooled (+ grid)
+            assert index.attach(captioner)
+            hits = index._rank(query, 40, rerank=True, first_stage=0.0)
+            likelihoods[keep] = {h.path: h.likelihood for h in hits}
+    assert likelihoods[False].keys() == likelihoods[True].keys() and len(likelihoods[False]) == 32
+    for path, value in likelihoods[True].items():
+        assert likelihoods[False][path] == pytest.approx(value, abs=1e-3)
+
+    gone = sorted(likelihoods[False])[0]
+    Path(gone).unlink()
+    with PhotoIndex(tmp_path / "keepFalse.sqlite") as index:
+        assert index.attach(captioner)
+        hits = index._rank(query, 40, rerank=True, first_stage=0.0)
+        assert len(hits) == 32 and [h.path for h in hits if h.likelihood is None] == [gone]
+        # an index made with keep_grid keeps them on every later update
+        assert PhotoIndex(tmp_path / "keepTrue.sqlite")._meta("keep_grid") == "1"
+
+
 def _kind(path: str) -> str:
     return Path(path).stem.rsplit("_", 1)[0]  # red_circle_3.jpg -> red_circle
 

@@ -191,6 +191,12 @@ def _parser() -> argparse.ArgumentParser:
         help="search embedding to embed the photos with: a folder, a bundled name, or none (default: "
         "flickr8k-search when it reads the model's encoder; a re-index keeps the index's own)",
     )
+    i.add_argument(
+        "--keep-grid",
+        action="store_true",
+        help="store each photo's encoder grid (205 KB a photo, not about 10 KB), so that search --rerank "
+        "and a new --embedding need not read the photos again",
+    )
     i.set_defaults(run=_index)
 
     q = sub.add_parser("search", help="find indexed photos by describing them in a sentence")

@@ -183,6 +183,11 @@ DRAFT_FACTOR = 2
 still has real pixels to average (at 1x, decoding's own box filter would do the whole reduction)."""
 
 
+LOADER_WORKERS = min(2, os.cpu_count() or 1)
+"""DataLoader processes that read and decode files while the encoder works: on 12-megapixel JPEGs decoding
+costs more than the encoder, and two beat one on two cores (benchmarks/run.py's batch and worker sweep)."""
+
+
 def decode_side(pre: Preprocess) -> int:
     """The ``min_side`` that ``load_image`` needs for this preprocessing (every pipeline path uses it)."""
     return DRAFT_FACTOR * pre.size
@@ -281,7 +286,7 @@ def load_batches(
     *,
     rows: Sequence[int] | None = None,
     batch_size: int = 32,
-    num_workers: int = 1,
+    num_workers: int = LOADER_WORKERS,
 ) -> Iterator[ImageBatch]:
     """Read and preprocess `paths` (or only `rows` of them) in batches, in DataLoader workers while the
     caller works on the previous batch: what feature extraction, captioning and evaluation all run."""

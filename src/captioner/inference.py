@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from captioner.generation import GenerationOptions
-from captioner.images import Preprocess, load_batches
+from captioner.images import LOADER_WORKERS, Preprocess, load_batches
 from captioner.model import Caption, Captioner
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -58,7 +58,7 @@ def caption_files(
     options: GenerationOptions | None = None,
     *,
     batch_size: int = 16,
-    num_workers: int = 1,
+    num_workers: int = LOADER_WORKERS,
     keep_features: bool = False,
 ) -> Iterator[tuple[Path, dict]]:
     """Yield (path, result) in input order; result is `Caption.to_json()` (and, with keep_features, the

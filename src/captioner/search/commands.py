@@ -85,6 +85,7 @@ def index_command(args) -> int:
             model_name=name,
             joint=joint,
             joint_name=joint_name,
+            keep_grid=getattr(args, "keep_grid", False),
         )
         total = len(index)
     for message in counts["errors"]:

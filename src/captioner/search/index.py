@@ -11,6 +11,7 @@ import os
 import re
 import sqlite3
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +38,10 @@ JOINT_WEIGHT = 8.0  # of the search embedding's ranking in the first stage (fusi
 RERANK_BY_DEFAULT = False
 FIRST_STAGE_WEIGHT = 1.0  # of the first stage's order in the second (0: P(query | photo) alone): on dev
 RERANK = 100  # how many of the caption signals' best candidates the captioner re-ranks (at least top_k)
+# The encoder's grid (82 x 1280 float16, 205 KB a photo) is what re-ranking and a new search embedding read,
+# but the default search needs neither: the index keeps only the pooled features (2.5 KB) and re-encodes a
+# candidate's grid from its file when asked, unless it was made with keep_grid (captioner index --keep-grid).
+GRID_CACHE = 512  # re-encoded grids a PhotoIndex keeps in memory (float16: about 100 MB)
 # Words nearly every caption has: in an OR query they would "match" every photo and add only noise.
 STOPWORDS = frozenset("a an the of in on at to and or with is are it its this that by for from".split())
 SCHEMA = """
@@ -51,7 +56,7 @@ CREATE TABLE IF NOT EXISTS photos (
     captions TEXT,              -- JSON: the n best [{"caption", "score"}], best first
     labels TEXT,                -- JSON: the encoder's visual labels [{"label", "p"}] (captioner.labels)
     embedding BLOB,             -- float32, L2-normalised: see _store_many
-    features BLOB,              -- float16: the encoder's pooled features, then its grid, for P(query | photo)
+    features BLOB,              -- float16: the encoder's pooled features (and its grid with keep_grid)
     joint BLOB,                 -- float16: the photo in the search embedding's space (search.joint)
     error TEXT                  -- why this photo has no caption
 );
@@ -104,6 +109,7 @@ class PhotoIndex:
         self._lock = threading.RLock()  # one connection, shared by a server's threads
         self._conn = sqlite3.connect(self.db, timeout=30, check_same_thread=False)
         self._cache: tuple | None = None
+        self._grids: OrderedDict[int, np.ndarray] = OrderedDict()  # re-encoded grids (see GRID_CACHE)
         self._captioner: Captioner | None = None
         self._joint: JointEmbedding | None = None
         try:
@@ -196,6 +202,7 @@ class PhotoIndex:
         model_name: str | None = None,
         joint: JointEmbedding | None = None,
         joint_name: str | None = None,
+        keep_grid: bool = False,
     ) -> dict:
         """Caption what is new or changed under `folder` (size or mtime differ) and forget what is gone.
 
@@ -203,7 +210,8 @@ class PhotoIndex:
         a caption, by this run or by an earlier one (not retried until the file changes). `errors` holds
         one message per failed photo. A file that links outside `folder` is recorded as failed, unread.
         `joint`, a search embedding of the captioner's encoder, also embeds each photo; an index keeps the
-        embedding (or none) it was made with.
+        embedding (or none) it was made with. `keep_grid` stores each photo's encoder grid too (205 KB a
+        photo instead of about 10 KB), so that re-ranking and re-embedding need not read the files again.
         """
         from tqdm import tqdm
 
@@ -221,6 +229,7 @@ class PhotoIndex:
                 with self._conn:
                     meta = [("model", model), ("model_name", model_name)]
                     meta += [("joint", embedding), ("joint_name", joint_name)]
+                    meta += [("keep_grid", "1" if keep_grid else None)]
                     self._conn.executemany(
                         "INSERT INTO meta VALUES (?, ?)", [(k, v) for k, v in meta if v is not None]
                     )
@@ -235,6 +244,7 @@ class PhotoIndex:
                     f"{self.db}: made with {had}, not {embedding or 'none'}; index into a new --db so "
                     "that every photo is embedded alike"
                 )
+            keep_grid = keep_grid or self._meta("keep_grid") == "1"  # as the index was made
             known = {
                 p: (s, m, e)
                 for p, s, m, e in self._conn.execute("SELECT path, size, mtime, error FROM photos")
@@ -257,7 +267,8 @@ class PhotoIndex:
                 (todo if _inside(str(path), str(root)) else outside).append((path, stat, old is None))
 
         def record(done: list[tuple[Path, os.stat_result, bool, dict]]) -> None:
-            self._store_many([(str(p), st.st_size, st.st_mtime, r, str(root)) for p, st, _, r in done], joint)
+            rows = [(str(p), st.st_size, st.st_mtime, r, str(root)) for p, st, _, r in done]
+            self._store_many(rows, joint, keep_grid)
             for _, _, new, result in done:
                 if "error" in result:
                     counts["failed"] += 1
@@ -304,7 +315,10 @@ class PhotoIndex:
         self._store_many([(path, size, mtime, result, os.path.realpath(root or Path(path).parent))], joint)
 
     def _store_many(
-        self, rows: list[tuple[str, int, float, dict, str]], joint: JointEmbedding | None = None
+        self,
+        rows: list[tuple[str, int, float, dict, str]],
+        joint: JointEmbedding | None = None,
+        keep_grid: bool = False,
     ) -> None:
         # One embedding per photo: the mean of its n-best captions' embeddings, re-normalised. The n best of
         # a beam search are mostly paraphrases, so their mean is a centroid that damps one odd beam, keeps
@@ -326,7 +340,7 @@ class PhotoIndex:
                 features = joint_vector = None
                 if result.get("features") is not None:
                     pooled, grid = (np.asarray(t, dtype="<f2").ravel() for t in result["features"])
-                    features = np.concatenate([pooled, grid]).tobytes()
+                    features = (np.concatenate([pooled, grid]) if keep_grid else pooled).tobytes()
                     joint_vector = next(photos).astype("<f2").tobytes() if joint is not None else None
                 rowid = self._conn.execute(
                     "INSERT INTO photos (path, root, size, mtime, caption, captions, labels, embedding, "
@@ -364,7 +378,9 @@ class PhotoIndex:
                 raise SearchIndexError(f"{self.db}: not captioned by {model_id(captioner)}")
             if joint is not None:
                 joint.check_features(captioner.encoder.name, captioner.encoder.preprocess)
-            rows = self._conn.execute("SELECT id, features FROM photos WHERE features IS NOT NULL").fetchall()
+            rows = self._conn.execute(
+                "SELECT id, path, features FROM photos WHERE features IS NOT NULL"
+            ).fetchall()
             vectors: list[tuple[bytes | None, int]] = []
             for start in range(0, len(rows), batch):
                 chunk = rows[start : start + batch]
@@ -372,10 +388,17 @@ class PhotoIndex:
                     vectors += [(None, r[0]) for r in chunk]
                     continue
                 dim = joint.config.feature_dim
-                flat = [np.frombuffer(r[1], dtype="<f2").astype(np.float32) for r in chunk]
-                pooled = np.stack([f[:dim] for f in flat])
+                if joint.config.grid:  # a photo whose file is gone keeps no vector: search leaves it out
+                    found = self._with_grid(captioner, chunk, cache=False)
+                    chunk = [r for r in chunk if r[0] in found]
+                    flat = [found[r[0]] for r in chunk]
+                else:
+                    flat = [np.frombuffer(r[2], dtype="<f2")[:dim].astype(np.float32) for r in chunk]
+                if not flat:
+                    continue
+                pooled = np.stack([f[:dim] for f in flat]).astype(np.float32)
                 grid = np.stack([f[dim:].reshape(-1, dim) for f in flat]) if joint.config.grid else None
-                out = joint.images(pooled, grid).astype("<f2")
+                out = joint.images(pooled, None if grid is None else grid.astype(np.float32)).astype("<f2")
                 vectors += [(v.tobytes(), r[0]) for v, r in zip(out, chunk, strict=True)]
             meta = {"joint": joint_id(joint) if joint is not None else None, "joint_name": joint_name}
             with self._conn:
@@ -491,18 +514,59 @@ class PhotoIndex:
         ]
 
     def _likelihoods(self, query: str, photo_ids: list[int]) -> dict[int, float]:
-        """P(query | photo) (mean log-probability per word) for those of the photos with stored features."""
+        """P(query | photo) (mean log-probability per word) for those of the photos with stored features
+        (and, where only the pooled part is stored, a file that can still be read)."""
         assert self._captioner is not None
         with self._lock:
             marks = ",".join("?" * len(photo_ids))
             rows = self._conn.execute(
-                f"SELECT id, features FROM photos WHERE features IS NOT NULL AND id IN ({marks})", photo_ids
+                f"SELECT id, path, features FROM photos WHERE features IS NOT NULL AND id IN ({marks})",
+                photo_ids,
             ).fetchall()
-        if not rows:
+        found = self._with_grid(self._captioner, rows)
+        have = [photo for photo in photo_ids if photo in found]
+        if not have:
             return {}
-        features = np.stack([np.frombuffer(blob, dtype="<f2") for _, blob in rows])
-        values = query_log_likelihood(self._captioner, query, features)
-        return {photo: float(v) for (photo, _), v in zip(rows, values, strict=True)}
+        values = query_log_likelihood(self._captioner, query, np.stack([found[p] for p in have]))
+        return {photo: float(v) for photo, v in zip(have, values, strict=True)}
+
+    def _with_grid(
+        self, captioner: Captioner, rows: list[tuple[int, str, bytes]], cache: bool = True
+    ) -> dict[int, np.ndarray]:
+        """id -> float16 [pooled + grid] of each (id, path, features) row: the stored grid if the index kept
+        it, else the photo's file encoded again (through the one image pipeline), remembered for the next
+        query. A photo whose file can no longer be read is left out."""
+        from captioner.images import load_batches
+
+        dim = captioner.encoder.feature_dim
+        out: dict[int, np.ndarray] = {}
+        missing: list[tuple[int, str]] = []
+        for photo, path, blob in rows:
+            flat = np.frombuffer(blob, dtype="<f2")
+            if len(flat) > dim:
+                out[photo] = flat
+            elif photo in self._grids:
+                out[photo] = self._grids[photo]
+                self._grids.move_to_end(photo)
+            else:
+                missing.append((photo, path))
+        paths = [path for _, path in missing]
+        for batch in load_batches(paths, captioner.encoder.preprocess, batch_size=16, num_workers=0):
+            if batch.images is None:
+                continue
+            import torch
+
+            with torch.inference_mode():
+                pooled, grid = captioner.encoder(batch.images.to(captioner.device))
+            both = torch.cat([pooled, grid.flatten(1)], dim=1).cpu().numpy().astype("<f2")  # as stored
+            for row, flat in zip(batch.good, both, strict=True):
+                photo = missing[row][0]
+                out[photo] = flat
+                if cache:
+                    self._grids[photo] = flat
+                    while len(self._grids) > GRID_CACHE:
+                        self._grids.popitem(last=False)
+        return out
 
     def _photos(self) -> tuple[list[int], list[str], list[str], np.ndarray, np.ndarray | None]:
         """Ids, paths, captions, the [N, D] caption embeddings and the [N, E] search-embedding vectors
@@ -514,8 +578,10 @@ class PhotoIndex:
             ).fetchall()
             matrix = np.stack([np.frombuffer(r[3], dtype="<f4") for r in rows]) if rows else np.zeros((0, 1))
             photos = None
-            if rows and all(r[4] is not None for r in rows):
-                photos = np.stack([np.frombuffer(r[4], dtype="<f2") for r in rows]).astype(np.float32)
+            known = [r[4] for r in rows if r[4] is not None]
+            if known:  # a photo without a vector (its file was gone when re-embedded) is found by its words
+                none = np.zeros(len(known[0]) // 2, "<f2").tobytes()
+                photos = np.stack([np.frombuffer(r[4] or none, dtype="<f2") for r in rows]).astype(np.float32)
             ids, paths, captions = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
             self._cache = (version, ids, paths, captions, matrix, photos)
         return self._cache[1:]
