@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--beam", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--workers", type=int, default=1, help="DataLoader workers that read the files")
+    p.add_argument("--workers", type=int, default=None, help="loader processes (default: the package's)")
     p.add_argument("--repeat", type=int, default=2)
     args = p.parse_args()
     if args.threads:
@@ -39,7 +39,8 @@ def main() -> None:
     options = GenerationOptions(beam_size=args.beam)
 
     def run() -> list:
-        results = caption_files(model, paths, options, batch_size=args.batch_size, num_workers=args.workers)
+        workers = {} if args.workers is None else {"num_workers": args.workers}
+        results = caption_files(model, paths, options, batch_size=args.batch_size, **workers)
         return [r.get("caption", r.get("error")) for _, r in results]
 
     for _ in caption_files(model, paths[: args.batch_size], options, batch_size=args.batch_size):

@@ -38,6 +38,16 @@ QUERIES = [
     "a boy in a blue shirt kicks a ball",
     "a crowd at a concert",
     "a kitchen with a stove",
+    "a black and white dog jumps over a fence",
+    "a girl in a pink jacket climbs a rock",
+    "a surfer rides a wave",
+    "a group of people walk down a city street",
+    "a man with a guitar on a stage",
+    "a brown dog swims in a lake",
+    "children on a playground slide",
+    "a person in a kayak on a river",
+    "a plate of food on a table",
+    "a snowboarder in the air",
 ]
 
 

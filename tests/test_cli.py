@@ -137,3 +137,25 @@ def test_extract_features_refuses_another_encoder(tiny_data, tiny_features, caps
         == 1
     )
     assert "refusing" in capsys.readouterr().err
+
+
+def test_caption_out_resumes_where_a_killed_run_stopped(tiny_model, tiny_data, tmp_path, capsys):
+    """A part file left by a killed run counts: its complete lines are kept as they are, its unfinished
+    last line is dropped, and a re-run captions only the rest, each image exactly once."""
+    folder = tmp_path / "photos"
+    shutil.copytree(tiny_data / "images", folder)
+    out = tmp_path / "captions.jsonl"
+    images = sorted(str(p) for p in folder.glob("*.jpg"))
+    kept = [{"image": p, "caption": "written before the kill", "score": -1.0} for p in images[:5]]
+    lines = "".join(json.dumps(r) + "\n" for r in kept)
+    (tmp_path / "captions.jsonl.part0").write_text(lines + '{"image": "' + images[5] + '", "capt')
+    assert main(["caption", str(folder), "--model", str(tiny_model), "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["image"] for r in records] == images  # each once, in input order
+    assert records[:5] == kept and all(r["caption"] != kept[0]["caption"] for r in records[5:])
+    assert "5 done before this run" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.part*"))
+    # a finished file is itself what is done: a re-run changes nothing
+    before = out.read_text()
+    assert main(["caption", str(folder), "--model", str(tiny_model), "--out", str(out)]) == 0
+    assert out.read_text() == before

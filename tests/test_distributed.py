@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import yaml
 
 from conftest import tiny_config
@@ -54,3 +55,31 @@ def test_two_processes_share_feature_extraction(tiny_data, tiny_features, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     assert "32 of 32 images encoded" in result.stdout
     np.testing.assert_array_equal(np.load(tmp_path / "f" / "grid.npy"), np.load(tiny_features / "grid.npy"))
+
+
+def test_two_processes_caption_exactly_what_one_does(tiny_model, tiny_data, tmp_path):
+    import shutil
+
+    from captioner.cli import main
+
+    folder = tmp_path / "photos"
+    shutil.copytree(tiny_data / "images", folder)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    assert (
+        main(["caption", str(folder), "--model", str(tiny_model), "--out", str(tmp_path / "one.jsonl")]) == 1
+    )
+    result = torchrun("caption", folder, "--model", tiny_model, "--out", tmp_path / "two.jsonl")
+    assert result.returncode == 1, result.stderr[-3000:]  # 1: the broken file, reported once
+    assert result.stderr.count("broken.jpg") == 1
+    one, two = (
+        [json.loads(x) for x in (tmp_path / n).read_text().splitlines()] for n in ("one.jsonl", "two.jsonl")
+    )
+    assert len(one) == 33 and [r["image"] for r in two] == [r["image"] for r in one]  # input order
+    # the same captions; scores and label probabilities agree up to the float rounding of other batches
+    assert [(r.get("caption"), r.get("error")) for r in two] == [
+        (r.get("caption"), r.get("error")) for r in one
+    ]
+    for a, b in zip(one, two, strict=True):
+        assert a.get("score", 0) == pytest.approx(b.get("score", 0), abs=1e-3)
+        assert [x["label"] for x in a.get("labels", [])][:1] == [x["label"] for x in b.get("labels", [])][:1]
+    assert not list(tmp_path.glob("*.part*"))

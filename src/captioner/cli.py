@@ -93,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--format", choices=["text", "jsonl"], default="text")
     c.add_argument(
+        "--out",
+        default=None,
+        help="write JSON lines to this file instead: resumable (a re-run captions only what is missing) "
+        "and needed under torchrun, whose processes share the images",
+    )
+    c.add_argument(
         "--runtime", choices=["torch", "onnx"], default="torch", help="onnx: a `captioner export` dir"
     )
     c.add_argument("--device", default="auto", help="torch runtime: auto (the GPU if any), cpu, cuda, cuda:N")
@@ -363,6 +369,7 @@ def _caption(args: argparse.Namespace) -> int:
         fmt=args.format,
         runtime=args.runtime,
         device=args.device,
+        out=args.out,
     )
 
 
