@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import csv
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
+
+# The encoders' onnxruntime graphs (captioner.ort_backbone) are cached here, not in the user's ~/.cache;
+# processes the tests start inherit it.
+os.environ.setdefault("CAPTIONER_CACHE", tempfile.mkdtemp(prefix="captioner-test-cache-"))
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40)}
 SHAPES = ("square", "circle")

@@ -69,12 +69,18 @@ def test_download_encoder_offline_gives_a_clear_error():
     assert "caught True" in result.stdout  # the project's own error, which `captioner` prints as one line
 
 
+@pytest.fixture
+def torch_only(monkeypatch):
+    monkeypatch.setenv("CAPTIONER_ENCODER_RUNTIME", "torch")  # the folded copy itself, not onnxruntime's
+
+
 @pytest.mark.parametrize("name", [*OFFLINE_ENCODERS, "resnet18"])
-def test_folded_encoder_matches_the_unfolded_one(name):
+def test_folded_encoder_matches_the_unfolded_one(name, torch_only):
     encoder = create_encoder(name, pretrained=name in OFFLINE_ENCODERS).eval()
     size = encoder.preprocess.size
     images = torch.randn(3, 3, size, size)
     with torch.no_grad():
+        encoder(images)  # the first no-grad call: the backbone itself (a one-off call needs no copy)
         folded = encoder(images)  # no gradients, eval mode: the folded copy
     assert encoder.__dict__["_folded"] is not None
     names = [type(m).__name__ for m in encoder.__dict__["_folded"].modules()]
@@ -86,11 +92,12 @@ def test_folded_encoder_matches_the_unfolded_one(name):
     assert not any("_folded" in key for key in encoder.state_dict())
 
 
-def test_folded_copy_follows_mode_and_weights():
+def test_folded_copy_follows_mode_and_weights(torch_only):
     torch.manual_seed(0)
     encoder = create_encoder("mobilenet_v2", pretrained=False).eval()
     images = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
+        encoder(images)
         before = encoder(images)[0]
         encoder.train()  # training mode: the backbone itself, batch statistics and all
         assert encoder.__dict__["_folded"] is None
@@ -99,8 +106,51 @@ def test_folded_copy_follows_mode_and_weights():
         state = {k: halve(k, v) for k, v in encoder.state_dict().items()}
         encoder(images)
         encoder.load_state_dict(state)  # new weights: refolded, never stale
+        encoder(images)
         after = encoder(images)[0]
         encoder.__dict__["_folded"] = None
         assert not torch.allclose(before, after)
         plain = encoder.backbone.forward_features(images).mean(dim=(2, 3))
         torch.testing.assert_close(after, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_onnxruntime_runs_the_backbone_as_torch_does_and_caches_the_graph(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from captioner import ort_backbone
+
+    monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path))
+    encoder = create_encoder("efficientnet_lite0", pretrained=True).eval()
+    size = encoder.preprocess.size
+    images = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        encoder(images)
+        fast = encoder(images)
+    assert isinstance(encoder.__dict__["_ort"], ort_backbone.OrtBackbone)
+    plain = encoder(images)  # gradients on: the trainable backbone in PyTorch
+    for a, b in zip(fast, plain, strict=True):
+        torch.testing.assert_close(a, b.detach(), atol=1e-4, rtol=1e-4)
+    (cached,) = (tmp_path / "encoders").glob("*.onnx")
+
+    # another process with these weights loads the graph instead of tracing it again
+    monkeypatch.setattr(ort_backbone, "export", lambda *a: pytest.fail("traced again"))
+    again = create_encoder("efficientnet_lite0", pretrained=True).eval()
+    with torch.no_grad():
+        again(images)
+        torch.testing.assert_close(again(images)[0], fast[0])
+    assert isinstance(again.__dict__["_ort"], ort_backbone.OrtBackbone)
+
+    # a damaged entry is traced again; the switch turns it all off
+    monkeypatch.undo()
+    monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path))
+    cached.write_bytes(b"not a graph")
+    third = create_encoder("efficientnet_lite0", pretrained=True).eval()
+    with torch.no_grad():
+        third(images)
+        torch.testing.assert_close(third(images)[0], fast[0])
+    assert cached.stat().st_size > 1000
+    monkeypatch.setenv("CAPTIONER_ENCODER_RUNTIME", "torch")
+    off = create_encoder("efficientnet_lite0", pretrained=True).eval()
+    with torch.no_grad():
+        off(images)
+        off(images)
+    assert off.__dict__["_ort"] is None and off.__dict__["_folded"] is not None

@@ -61,29 +61,51 @@ class Encoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.contiguous(memory_format=torch.channels_last)
-        fmap = cast(_Backbone, self._inference_backbone()).forward_features(images)  # [B, D, H, W]
+        fmap = cast(_Backbone, self._inference_backbone(images)).forward_features(images)  # [B, D, H, W]
         pooled = fmap.mean(dim=(2, 3))
         grid = fmap.permute(0, 2, 3, 1).reshape(fmap.shape[0], -1, fmap.shape[1])  # [B, H*W, D]
         return pooled, grid
 
-    def _inference_backbone(self) -> nn.Module:
+    def _inference_backbone(self, images: torch.Tensor) -> nn.Module | Any:
         """The backbone with batch norms folded (captioner.folding) when nothing can train it: eval mode,
-        no gradients. Built on first use and kept outside the module tree (not in the state dict); any
-        change of mode, device, dtype or weights drops it."""
+        no gradients; on the CPU, that folded backbone run by onnxruntime (captioner.ort_backbone) when it
+        is installed. Built on the second call and kept outside the module tree (not in the state dict); any
+        change of mode, device, dtype or weights drops them."""
         if self.training or torch.is_grad_enabled():
             return self.backbone
-        folded = self.__dict__.get("_folded")
-        if folded is None and torch.jit.is_tracing():  # a copy made inside a trace is traced wrongly
+        calls = self.__dict__["_calls"] = self.__dict__.get("_calls", 0) + 1
+        if calls == 1:  # a one-off call (one photo from the command line): preparing costs more than it saves
             return self.backbone
+        if not torch.jit.is_tracing() and images.dtype == torch.float32 and images.device.type == "cpu":
+            fast = self.__dict__.get("_ort", False)  # False: not tried yet; None: not available here
+            if fast is False:
+                from captioner import ort_backbone
+
+                fast = None
+                if ort_backbone.enabled(images.device):
+                    with torch.inference_mode(False):  # tracing needs tensors made outside inference mode
+                        fast = ort_backbone.build(self.backbone, self.preprocess.size, self._folded_backbone)
+                self.__dict__["_ort"] = fast
+            if fast is not None and images.shape[-2:] == (fast.size, fast.size):
+                return fast
+        if self.__dict__.get("_folded") is None and torch.jit.is_tracing():  # a copy made in a trace is wrong
+            return self.backbone
+        return self._folded_backbone()
+
+    def _folded_backbone(self) -> nn.Module:
+        folded = self.__dict__.get("_folded")
         if folded is None:
             from captioner.folding import fold_for_inference
 
-            folded = fold_for_inference(self.backbone).to(memory_format=torch.channels_last)
+            with torch.inference_mode(False):  # weights made in inference mode could not be traced
+                folded = fold_for_inference(self.backbone).to(memory_format=torch.channels_last)
             self.__dict__["_folded"] = folded
         return folded
 
     def _drop_folded(self) -> None:
         self.__dict__["_folded"] = None
+        self.__dict__["_ort"] = False
+        self.__dict__["_calls"] = 0
 
     def train(self, mode: bool = True) -> Encoder:
         if mode:  # eval() keeps the copy: exporters call it right before tracing
