@@ -73,6 +73,11 @@ def end_to_end(trees: dict[str, Path], sets: dict[str, tuple[Path, int]], rounds
             "differ": sum(
                 a != b for a, b in zip(best["now"]["captions"], best["before"]["captions"], strict=True)
             ),
+            "differing": [
+                [b, a]
+                for a, b in zip(best["now"]["captions"], best["before"]["captions"], strict=True)
+                if a != b
+            ],
         }
     return out
 
@@ -125,6 +130,8 @@ def commands(trees: dict[str, Path], photo: Path, gallery: Path, tmp: Path) -> d
     db = tmp / "now.sqlite"
     out["search_20"] = wall([*exe, "search", *QUERIES[:20], "--db", str(db)], trees["now"])
     out["search_20_over_1"] = out["search_20"] / out["search_1"]["now"]
+    # --rerank on an index without grids: the 100 candidates' grids are encoded again from their files
+    out["search_rerank"] = wall([*exe, "search", QUERIES[0], "--rerank", "--db", str(db)], trees["now"])
     out["gallery"] = photos
     return out
 
@@ -215,6 +222,10 @@ def render(r: dict) -> list[str]:
             f"| {e['images']} {name} | {e['before_img_s']:.2f} | {e['now_img_s']:.2f} | "
             f"**{e['speedup']:.2f}x** | {same} |"
         )
+    for name, e in r["end_to_end"].items():
+        if e["differing"]:
+            lines += ["", f"The captions that differ on the {name} (before -> now):", ""]
+            lines += [f"- {before} -> {now}" for before, now in e["differing"]]
     lines += [
         "",
         "12-megapixel photos, this code: images/s by threads, loader processes and batch size.",
@@ -242,6 +253,7 @@ def render(r: dict) -> list[str]:
         f"| `captioner search` one query, {c['gallery']} photos | {c['search_1']['before']:.2f} | "
         f"{c['search_1']['now']:.2f} |",
         f"| `captioner search` 20 queries in one call | (one call a query) | {c['search_20']:.2f} |",
+        f"| `captioner search --rerank` one query (grids from the files) | | {c['search_rerank']:.2f} |",
         "",
         f"20 queries in one call cost **{c['search_20_over_1']:.2f}x** one query's call. The index of "
         f"{c['gallery']} Flickr8k photos takes **{c['index_kb_per_photo']['now']:.1f} KB a photo** "

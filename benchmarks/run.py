@@ -8,7 +8,10 @@ Writes a Markdown report (default docs/benchmarks.md) with the machine it ran on
   * batched beam search against one image at a time (same model, same images, same captions);
   * training throughput on cached features, and peak memory of training and of captioning;
   * cold start of `captioner --help` and `captioner caption one.jpg`;
-  * PyTorch against onnxruntime for the same captions.
+  * PyTorch against onnxruntime for the same captions;
+  * a photo library (benchmarks/library.py): this code against the code before the speed work on
+    12-megapixel photos and 224 px ones, the fastest batch/loader/thread settings, each command's cold
+    start, multi-query search, the index's size per photo and search latency up to 100,000 photos.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from captioner.generation import GenerationOptions
 from captioner.images import build_transform, load_image
 from captioner.inference import caption_files
 from captioner.model import Captioner, resolve_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+import library  # noqa: E402  (benchmarks/ is not a package)
+from photos import make_photos  # noqa: E402
 
 
 def machine() -> str:
@@ -244,6 +251,11 @@ def main() -> None:
     p.add_argument("--count", type=int, default=64, help="images per measurement")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--out", default="docs/benchmarks.md")
+    p.add_argument(
+        "--photos", default=None, help="12-megapixel JPEGs (default: made by benchmarks/photos.py)"
+    )
+    p.add_argument("--baseline", default=library.BASELINE, help="the older code to compare with (a git ref)")
+    p.add_argument("--no-library", action="store_true", help="leave out benchmarks/library.py")
     args = p.parse_args()
 
     paths = sorted(Path(args.images).glob("*.jpg"))[: args.count]
@@ -281,6 +293,15 @@ def main() -> None:
             report["memory_mib"]["train_20_steps"] = run_command(
                 [*exe, "train", "--config", str(config), *overrides]
             )[1]
+    if not args.no_library:
+        with tempfile.TemporaryDirectory() as tmp:
+            photos = Path(args.photos or tmp)
+            if args.photos is None:
+                make_photos(Path(args.data).parent / "coco-mini", photos, 32)
+            report["library"] = library.run(
+                photos, Path(args.images), Path(args.data), args.baseline, 2, (1_000, 10_000, 100_000)
+            )
+        library.plot(report["library"]["scaling"], Path(args.out).parent / "images" / "search-latency.png")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # The hand-written reading of the numbers (from "## What the numbers say" on) survives a re-run.
@@ -356,6 +377,8 @@ def render(r: dict, started: str) -> str:
         + "; ".join(f"{k.replace('_', ' ')} {v:.0f} MiB" for k, v in m.items())
         + ".",
     ]
+    if r.get("library"):
+        lines += ["", *library.render(r["library"])]
     return "\n".join(lines) + "\n"
 
 

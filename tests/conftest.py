@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-# The encoders' onnxruntime graphs (captioner.ort_backbone) are cached here, not in the user's ~/.cache;
-# processes the tests start inherit it.
+# The encoder runs in PyTorch in the tests (processes they start inherit this), except where a test asks
+# for onnxruntime: tracing every tiny model the tests train would cost seconds each. The graphs such tests
+# make are cached here, not in the user's ~/.cache.
+os.environ.setdefault("CAPTIONER_ENCODER_RUNTIME", "torch")
 os.environ.setdefault("CAPTIONER_CACHE", tempfile.mkdtemp(prefix="captioner-test-cache-"))
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40)}

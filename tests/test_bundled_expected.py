@@ -24,8 +24,12 @@ OPTIONS = {
 }
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])  # the encoder's CPU backends (ort_backbone)
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_bundled_model_captions_as_recorded(name):
+def test_bundled_model_captions_as_recorded(name, runtime, monkeypatch):
+    if runtime == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("CAPTIONER_ENCODER_RUNTIME", runtime)
     model = Captioner.from_pretrained(name)
     for key, options in OPTIONS.items():
         results = model.caption(EXAMPLES, **options)

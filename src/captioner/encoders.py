@@ -69,12 +69,9 @@ class Encoder(nn.Module):
     def _inference_backbone(self, images: torch.Tensor) -> nn.Module | Any:
         """The backbone with batch norms folded (captioner.folding) when nothing can train it: eval mode,
         no gradients; on the CPU, that folded backbone run by onnxruntime (captioner.ort_backbone) when it
-        is installed. Built on the second call and kept outside the module tree (not in the state dict); any
+        is installed. Built on first use and kept outside the module tree (not in the state dict); any
         change of mode, device, dtype or weights drops them."""
         if self.training or torch.is_grad_enabled():
-            return self.backbone
-        calls = self.__dict__["_calls"] = self.__dict__.get("_calls", 0) + 1
-        if calls == 1:  # a one-off call (one photo from the command line): preparing costs more than it saves
             return self.backbone
         if not torch.jit.is_tracing() and images.dtype == torch.float32 and images.device.type == "cpu":
             fast = self.__dict__.get("_ort", False)  # False: not tried yet; None: not available here
@@ -105,7 +102,6 @@ class Encoder(nn.Module):
     def _drop_folded(self) -> None:
         self.__dict__["_folded"] = None
         self.__dict__["_ort"] = False
-        self.__dict__["_calls"] = 0
 
     def train(self, mode: bool = True) -> Encoder:
         if mode:  # eval() keeps the copy: exporters call it right before tracing
