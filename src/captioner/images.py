@@ -294,6 +294,8 @@ def load_batches(
     from torch.utils.data import DataLoader
 
     rows = range(len(paths)) if rows is None else rows
+    if batch_size == 1:  # one image a batch: a second process costs more in hand-offs than it saves
+        num_workers = min(num_workers, 1)
     loader: DataLoader = DataLoader(
         ImageFiles(paths, rows, pre),  # type: ignore[arg-type]  # map-style: __getitem__ and __len__
         batch_size=batch_size,
