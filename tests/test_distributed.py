@@ -83,3 +83,29 @@ def test_two_processes_caption_exactly_what_one_does(tiny_model, tiny_data, tmp_
         assert a.get("score", 0) == pytest.approx(b.get("score", 0), abs=1e-3)
         assert [x["label"] for x in a.get("labels", [])][:1] == [x["label"] for x in b.get("labels", [])][:1]
     assert not list(tmp_path.glob("*.part*"))
+
+
+def test_two_processes_share_one_index(tiny_model, tiny_data, tmp_path):
+    import shutil
+    import sqlite3
+
+    from captioner.cli import main
+
+    folder = tmp_path / "photos"
+    shutil.copytree(tiny_data / "images", folder)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    args = ["--model", tiny_model, "--embedding", "none"]
+    assert main(["index", str(folder), "--db", str(tmp_path / "one.sqlite"), *map(str, args)]) == 1
+    result = torchrun("index", folder, "--db", tmp_path / "two.sqlite", *args)
+    assert result.returncode == 1, result.stderr[-3000:]  # 1: the broken file, reported once
+    assert result.stderr.count("broken.jpg") == 1
+    assert "32 added, 0 updated, 0 unchanged, 1 failed" in result.stdout
+    rows = {}
+    for name in ("one", "two"):
+        with sqlite3.connect(tmp_path / f"{name}.sqlite") as conn:
+            rows[name] = conn.execute(
+                "SELECT path, caption, error IS NULL FROM photos ORDER BY path"
+            ).fetchall()
+    assert len(rows["two"]) == 33 and rows["two"] == rows["one"]  # each photo once, captioned alike
+    again = torchrun("index", folder, "--db", tmp_path / "two.sqlite", *args)  # a re-run: nothing to do
+    assert "0 added, 0 updated, 32 unchanged, 1 failed" in again.stdout, again.stderr[-3000:]

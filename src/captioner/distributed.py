@@ -91,6 +91,15 @@ def checksums(module: nn.Module, d: Dist) -> list[str]:
     return [str(g) for g in gathered]
 
 
+def gather(value: object, d: Dist) -> list:
+    """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    if d.world == 1:
+        return [value]
+    gathered: list = [None] * d.world
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def cleanup(d: Dist) -> None:
     """Leave the process group together: a rank that tears down its connections while another still
     has a collective in flight makes gloo abort the other process ("terminate called ...")."""

@@ -60,42 +60,57 @@ def choose_embedding(
 
 
 def index_command(args) -> int:
-    """`captioner index`: one error line per failed photo on stderr, a summary on stdout; 1 if any failed."""
+    """`captioner index`: one error line per failed photo on stderr, a summary on stdout; 1 if any failed.
+    Under torchrun the processes share the photos and the one index (rank 0 creates it and prints)."""
+    from captioner import distributed
     from captioner.model import Captioner
 
     if not Path(args.folder).is_dir():  # before creating the database: a typo must not leave a file behind
         raise NotADirectoryError(f"{args.folder}: not a folder")
+    d = distributed.setup()
     name = _resolved(args.model or SEARCH_MODEL)
-    captioner = Captioner.from_pretrained(name, device=getattr(args, "device", "cpu"))
-    with PhotoIndex(args.db, create=True) as index:
-        joint, joint_name = choose_embedding(index, captioner, getattr(args, "embedding", None))
-        had = index.embedding_name()
-        changed = index.embedding_id() != (joint_id(joint) if joint is not None else None)
-        if not index.is_new() and changed:  # another embedding (or new weights): from the stored features
-            n = index.reembed(captioner, joint, joint_name)
-            print(
-                f"{args.db}: search embedding {had or 'none'} -> {joint_name or 'none'} ({n} photos embedded)"
+    device = distributed.device(getattr(args, "device", "cpu"), d)
+    captioner = Captioner.from_pretrained(name, device=str(device))
+    if not d.main:
+        distributed.barrier(d)  # rank 0 creates the index and records its models first
+    try:
+        with PhotoIndex(args.db, create=True) as index:
+            joint, joint_name = choose_embedding(index, captioner, getattr(args, "embedding", None))
+            had = index.embedding_name()
+            changed = index.embedding_id() != (joint_id(joint) if joint is not None else None)
+            if d.main and not index.is_new() and changed:  # another embedding: re-embed what is there
+                n = index.reembed(captioner, joint, joint_name)
+                print(
+                    f"{args.db}: search embedding {had or 'none'} -> {joint_name or 'none'} "
+                    f"({n} photos embedded)"
+                )
+            options = GenerationOptions(beam_size=args.beam_size, n_best=args.n_best)
+            counts = index.update(
+                args.folder,
+                captioner,
+                options,
+                batch_size=args.batch_size,
+                model_name=name,
+                joint=joint,
+                joint_name=joint_name,
+                keep_grid=getattr(args, "keep_grid", False),
+                share=(d.rank, d.world),
+                ready=(lambda: distributed.barrier(d)) if d.main and d.world > 1 else None,
             )
-        options = GenerationOptions(beam_size=args.beam_size, n_best=args.n_best)
-        counts = index.update(
-            args.folder,
-            captioner,
-            options,
-            batch_size=args.batch_size,
-            model_name=name,
-            joint=joint,
-            joint_name=joint_name,
-            keep_grid=getattr(args, "keep_grid", False),
+            for message in counts["errors"]:
+                print(f"captioner: error: {message}", file=sys.stderr)
+            every = distributed.gather({k: v for k, v in counts.items() if k != "errors"}, d)
+            total = len(index)
+    finally:
+        distributed.cleanup(d)
+    summed = {k: sum(c[k] for c in every) for k in every[0]}
+    if d.main:
+        print(
+            f"{args.db}: {summed['added']} added, {summed['updated']} updated, {summed['unchanged']} "
+            f"unchanged, {summed['failed']} failed, {summed['removed']} removed (gone from {args.folder}); "
+            f"{total} photos searchable"
         )
-        total = len(index)
-    for message in counts["errors"]:
-        print(f"captioner: error: {message}", file=sys.stderr)
-    print(
-        f"{args.db}: {counts['added']} added, {counts['updated']} updated, {counts['unchanged']} unchanged, "
-        f"{counts['failed']} failed, {counts['removed']} removed (gone from {args.folder}); "
-        f"{total} photos searchable"
-    )
-    return 1 if counts["failed"] else 0
+    return 1 if summed["failed"] else 0
 
 
 def attach_model(index: PhotoIndex, name: str | None = None, loaded: Captioner | None = None) -> bool:

@@ -12,6 +12,7 @@ import re
 import sqlite3
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -203,6 +204,8 @@ class PhotoIndex:
         joint: JointEmbedding | None = None,
         joint_name: str | None = None,
         keep_grid: bool = False,
+        share: tuple[int, int] = (0, 1),
+        ready: Callable[[], None] | None = None,
     ) -> dict:
         """Caption what is new or changed under `folder` (size or mtime differ) and forget what is gone.
 
@@ -212,6 +215,9 @@ class PhotoIndex:
         `joint`, a search embedding of the captioner's encoder, also embeds each photo; an index keeps the
         embedding (or none) it was made with. `keep_grid` stores each photo's encoder grid too (205 KB a
         photo instead of about 10 KB), so that re-ranking and re-embedding need not read the files again.
+        `share` = (rank, world): this process captions only every world-th photo of the folder (torchrun's
+        processes share one index; SQLite takes their writes in turn) and only rank 0 forgets what is
+        gone; `ready` is called once the index has recorded its models (the other ranks wait for that).
         """
         from tqdm import tqdm
 
@@ -225,6 +231,7 @@ class PhotoIndex:
             embedding = joint_id(joint) if joint is not None else None
             if joint is not None:
                 joint.check_features(captioner.encoder.name, captioner.encoder.preprocess)
+            refusal = None
             if made_by is None:  # a new index: it records its model, and the name to load it by
                 with self._conn:
                     meta = [("model", model), ("model_name", model_name)]
@@ -234,16 +241,20 @@ class PhotoIndex:
                         "INSERT INTO meta VALUES (?, ?)", [(k, v) for k, v in meta if v is not None]
                     )
             elif made_by != model:
-                raise SearchIndexError(
+                refusal = (
                     f"{self.db}: captioned by {made_by}, not {model}; index into a new --db so that "
                     "all captions come from one model"
                 )
             elif self._meta("joint") != embedding:
                 had = self._meta("joint") or "no search embedding"
-                raise SearchIndexError(
+                refusal = (
                     f"{self.db}: made with {had}, not {embedding or 'none'}; index into a new --db so "
                     "that every photo is embedded alike"
                 )
+            if ready is not None:
+                ready()  # before refusing too: the other ranks then read the meta and refuse alike
+            if refusal is not None:
+                raise SearchIndexError(refusal)
             keep_grid = keep_grid or self._meta("keep_grid") == "1"  # as the index was made
             known = {
                 p: (s, m, e)
@@ -254,8 +265,11 @@ class PhotoIndex:
         seen: set[str] = set()
         todo: list[tuple[Path, os.stat_result, bool]] = []
         outside: list[tuple[Path, os.stat_result, bool]] = []
-        for path in inference.find_images([root]):
+        rank, world = share
+        for n, path in enumerate(inference.find_images([root])):
             seen.add(str(path))
+            if n % world != rank:  # another process's photo
+                continue
             try:
                 old, stat = known.get(str(path)), path.stat()
             except OSError:  # gone since it was listed
@@ -296,7 +310,7 @@ class PhotoIndex:
                 record(done)
                 done = []
         record(done)
-        gone = [p for p in known if p not in seen and Path(p).is_relative_to(root)]
+        gone = [p for p in known if p not in seen and Path(p).is_relative_to(root)] if rank == 0 else []
         with self._lock, self._conn:
             for path in gone:
                 self._delete(path)
