@@ -408,3 +408,21 @@ def test_the_bundled_embedding_is_used_only_for_its_own_encoder(tiny_model, tiny
             from captioner.search.commands import image_vector
 
             image_vector(index, str(folder / "red_circle_0.jpg"))
+
+
+def test_the_sentence_model_in_onnxruntime_embeds_as_sentence_transformers_does(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from captioner.search import embedder
+
+    texts = ["a dog runs through the grass", "A Kitchen, with a STOVE!", "word " * 400]  # 400: truncated
+    want = embedder._sentence_transformers().encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path))
+    fast = embedder._fast()
+    assert isinstance(fast, embedder.OrtMiniLM)
+    np.testing.assert_allclose(fast.encode(texts), want, atol=1e-5)
+    assert len(list((tmp_path / "encoders").glob("minilm-*"))) == 2  # the graph and its check vectors
+    # a later process loads the cached graph, without sentence-transformers
+    monkeypatch.setattr(embedder, "_sentence_transformers", lambda: pytest.fail("loaded the slow way"))
+    np.testing.assert_allclose(embedder._fast().encode(texts), want, atol=1e-5)
+    monkeypatch.setenv("CAPTIONER_TEXT_RUNTIME", "torch")
+    assert embedder._fast() is None

@@ -15,10 +15,11 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
+
+from captioner.cache import cache_dir, save
 
 OPSET = 17  # as captioner.onnx.export
 CHECK_ATOL = 1e-3  # on the feature map, whose values reach ~6: float rounding, not a different model
@@ -80,11 +81,6 @@ def export(folded: nn.Module, size: int) -> bytes:
     return graph.getvalue()
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("CAPTIONER_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / ("captioner" if "CAPTIONER_CACHE" not in os.environ else "") / "encoders"
-
-
 def _key(backbone: nn.Module, size: int) -> str:
     from captioner import __version__
     from captioner.checkpoint import weights_digest
@@ -112,7 +108,7 @@ def build(backbone: nn.Module, size: int, fold: Callable[[], nn.Module]) -> OrtB
         fast = OrtBackbone(graph, size, threads)
         if (worst := _disagreement(fast, backbone, size)) > CHECK_ATOL:
             raise RuntimeError(f"onnxruntime and torch disagree by {worst:.2g}")
-        _save(path, graph)
+        save(path, graph)
         return fast
     except Exception as e:  # any exporter or runtime failure: PyTorch still computes the same features
         print(f"captioner: note: the encoder stays in PyTorch ({type(e).__name__}: {e})", file=sys.stderr)
@@ -126,14 +122,3 @@ def _disagreement(fast: OrtBackbone, backbone: nn.Module, size: int) -> float:
         want = backbone.forward_features(example.contiguous(memory_format=torch.channels_last))  # type: ignore[operator]
     got = fast.forward_features(example)
     return float((got - want).abs().max()) if got.shape == want.shape else float("inf")
-
-
-def _save(path: Path, graph: bytes) -> None:
-    """Write the cache entry whole or not at all; a cache that cannot be written is only slower."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(graph)
-        os.replace(tmp, path)
-    except OSError:
-        pass
