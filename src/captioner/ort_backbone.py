@@ -21,7 +21,7 @@ from torch import nn
 
 from captioner.cache import cache_dir, save
 
-OPSET = 17  # as captioner.onnx.export
+OPSET = 17  # of every graph traced here: well-trodden by the TorchScript exporter; onnxruntime >= 1.13
 CHECK_ATOL = 1e-3  # on the feature map, whose values reach ~6: float rounding, not a different model
 FORMAT = 1  # of the cached graphs: bump when folding or tracing changes what they hold
 

@@ -27,10 +27,10 @@ from captioner.decoders import StepDecoder
 from captioner.errors import CheckpointError, ExportError
 from captioner.model import Captioner
 from captioner.onnx import ENCODER, INIT, LABELS, STEP
+from captioner.ort_backbone import OPSET
 
 __all__ = ["ExportError", "export_onnx"]
 
-OPSET = 17  # well-trodden by the TorchScript exporter; onnxruntime >= 1.13 runs it
 RTOL, ATOL = 1e-3, 1e-4  # onnxruntime vs torch; a wrong graph is off by far more than float rounding
 
 

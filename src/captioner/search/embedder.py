@@ -77,6 +77,8 @@ def _export(st_model) -> bytes:
 
     import torch
 
+    from captioner.ort_backbone import OPSET
+
     bert = st_model[0].auto_model.eval()
 
     class Hidden(torch.nn.Module):
@@ -101,7 +103,7 @@ def _export(st_model) -> bytes:
             input_names=names,
             output_names=["hidden"],
             dynamic_axes={n: {0: "batch", 1: "tokens"} for n in [*names, "hidden"]},
-            opset_version=17,
+            opset_version=OPSET,
             dynamo=False,
         )
     return graph.getvalue()
