@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import csv
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,7 +16,9 @@ from PIL import Image, ImageDraw
 # for onnxruntime: tracing every tiny model the tests train would cost seconds each. The graphs such tests
 # make are cached here, not in the user's ~/.cache.
 os.environ.setdefault("CAPTIONER_ENCODER_RUNTIME", "torch")
-os.environ.setdefault("CAPTIONER_CACHE", tempfile.mkdtemp(prefix="captioner-test-cache-"))
+if "CAPTIONER_CACHE" not in os.environ:
+    os.environ["CAPTIONER_CACHE"] = tempfile.mkdtemp(prefix="captioner-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["CAPTIONER_CACHE"], ignore_errors=True)
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40)}
 SHAPES = ("square", "circle")

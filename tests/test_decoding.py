@@ -56,6 +56,38 @@ def test_search_always_ends_even_when_the_model_never_says_end():
         )
 
 
+class EagerToEnd:
+    """A decoder whose rows flagged in the state want <end> at once: their images finish first."""
+
+    def __init__(self, decoder):
+        self.decoder, self.static_state = decoder, decoder.static_state
+
+    def init_state(self, pooled, grid):
+        return {**self.decoder.init_state(pooled, grid), "eager": pooled[:, 0] > 0}
+
+    def step(self, tokens, state):
+        log_probs, new, alpha = self.decoder.step(tokens, {k: v for k, v in state.items() if k != "eager"})
+        log_probs = log_probs.clone()
+        log_probs[state["eager"], END] += 50.0
+        return log_probs.log_softmax(-1), {**new, "eager": state["eager"]}, alpha
+
+
+@torch.no_grad()
+def test_images_that_finish_first_leave_the_batch_and_no_caption_changes():
+    decoder, pooled, grid = make("attention", seed=3)
+    pooled[:, 0] = torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0])  # images 0 and 2 end at the first step
+    search = {"start_id": START, "end_id": END, "max_length": 8, "beam_size": 3, "n_best": 3}
+    together = beam_search(EagerToEnd(decoder), pooled, grid, **search)
+    for i, hyps in enumerate(together):
+        alone = beam_search(EagerToEnd(decoder), pooled[i : i + 1], grid[i : i + 1], **search)[0]
+        assert [h.tokens for h in hyps] == [h.tokens for h in alone]
+        for h, a in zip(hyps, alone, strict=True):
+            assert h.log_prob == pytest.approx(a.log_prob, abs=1e-5)
+            assert torch.allclose(h.attention, a.attention, atol=1e-6)
+    assert [len(together[i][0].tokens) for i in (0, 2)] == [0, 0]
+    assert min(len(together[i][0].tokens) for i in (1, 3, 4)) > 0
+
+
 class OneWordOrEnd:
     """A decoder that says word 5 or <end>, with P(<end>) = 0.2 at every step: a caption of n words has
     log-probability n log 0.8 + log 0.2, highest for the empty caption, so only the penalty lengthens it."""

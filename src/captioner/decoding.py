@@ -160,30 +160,43 @@ def beam_search(
     """Batched beam search: one decoder step advances every beam of every image together.
 
     Finished beams stay in the beam with their score frozen (they can only extend with <end> at no cost),
-    so the tensors keep a fixed shape [B * K]. Candidates are ranked by length-penalised score.
-    With no_repeat_ngram = n, no caption repeats an n-gram ("a man in a hat and a hat and a hat").
-    Returns, per image, the `n_best` hypotheses, best first.
+    so an image's tensors keep a fixed shape [K]; an image whose K beams have all finished leaves the
+    batch, so the steps left cost only what the images still being captioned need. Candidates are ranked
+    by length-penalised score. With no_repeat_ngram = n, no caption repeats an n-gram ("a man in a hat
+    and a hat and a hat"). Returns, per image, the `n_best` hypotheses, best first.
     """
     batch, k = pooled.shape[0], beam_size
     n_best = min(n_best, k)
+    device = pooled.device
     state = decoder.init_state(pooled, grid)
-    state = _select(state, torch.arange(batch, device=pooled.device).repeat_interleave(k))
+    state = _select(state, torch.arange(batch, device=device).repeat_interleave(k))
     # Beams only ever move within their own image, so per-image tensors need no copying at every step.
     static = tuple(getattr(decoder, "static_state", ()))
-    log_prob = torch.full((batch, k), float("-inf"), device=pooled.device)
+    log_prob = torch.full((batch, k), float("-inf"), device=device)
     log_prob[:, 0] = 0.0  # all beams start identical: keep one alive
-    tokens = torch.full((batch * k,), start_id, dtype=torch.long, device=pooled.device)
-    history = torch.empty(batch * k, 0, dtype=torch.long, device=pooled.device)
+    tokens = torch.full((batch * k,), start_id, dtype=torch.long, device=device)
+    history = torch.empty(batch * k, 0, dtype=torch.long, device=device)
     attention: torch.Tensor | None = None
-    finished = torch.zeros(batch, k, dtype=torch.bool, device=pooled.device)
-    lengths = torch.zeros(batch, k, dtype=torch.long, device=pooled.device)
+    finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
+    lengths = torch.zeros(batch, k, dtype=torch.long, device=device)
+    images = list(range(batch))  # the original index of each image still in the batch
+    results: list[list[Hypothesis]] = [[] for _ in range(batch)]
+
+    def done(rows: list[int]) -> None:  # the best n of these images' beams, now final
+        scores = log_prob / length_penalty(lengths, alpha)
+        for b in rows:
+            for j in scores[b].argsort(descending=True)[:n_best].tolist():
+                row = b * k + j
+                words = [w for w in history[row].tolist() if w != end_id][: int(lengths[b, j]) - 1]
+                att = attention[row, : len(words)] if attention is not None else None
+                results[images[b]].append(Hypothesis(words, float(log_prob[b, j]), float(scores[b, j]), att))
 
     for t in range(max_length + 1):
         step_lp, state, alpha_t = decoder.step(tokens, state)
-        vocab = step_lp.shape[1]
-        step_lp = step_lp.view(batch, k, vocab).clone()
+        live, vocab = len(images), step_lp.shape[1]
+        step_lp = step_lp.view(live, k, vocab).clone()
         if no_repeat_ngram > 0:
-            _block_repeats(step_lp.view(batch * k, vocab), history, no_repeat_ngram)
+            _block_repeats(step_lp.view(live * k, vocab), history, no_repeat_ngram)
         if t == max_length:  # hard stop: only <end> is allowed now
             forced = torch.full_like(step_lp, float("-inf"))
             forced[..., end_id] = step_lp[..., end_id]
@@ -192,11 +205,11 @@ def beam_search(
         step_lp[..., end_id][finished] = 0.0  # a finished beam carries on unchanged
         total = log_prob.unsqueeze(2) + step_lp  # [B, K, V]
         new_len = torch.where(finished, lengths, lengths + 1).unsqueeze(2).expand_as(total)
-        ranked = (total / length_penalty(new_len, alpha)).view(batch, -1)
+        ranked = (total / length_penalty(new_len, alpha)).view(live, -1)
         _, flat = ranked.topk(k, dim=1)  # [B, K]
         beam, word = flat // vocab, flat % vocab
-        log_prob = total.view(batch, -1).gather(1, flat)
-        origin = (beam + torch.arange(batch, device=pooled.device).unsqueeze(1) * k).view(-1)
+        log_prob = total.view(live, -1).gather(1, flat)
+        origin = (beam + torch.arange(live, device=device).unsqueeze(1) * k).view(-1)
         was_finished = finished.gather(1, beam)
         lengths = torch.where(was_finished, lengths.gather(1, beam), lengths.gather(1, beam) + 1)
         finished = was_finished | (word == end_id)
@@ -207,20 +220,19 @@ def beam_search(
             new = alpha_t.index_select(0, origin).unsqueeze(1)
             attention = new if prev is None else torch.cat([prev, new], dim=1)
         tokens = word.view(-1)
-        if bool(finished.all()):
+        over = finished.all(dim=1)
+        if bool(over.all()):
             break
-
-    scores = log_prob / length_penalty(lengths, alpha)
-    results = []
-    for b in range(batch):
-        order = scores[b].argsort(descending=True)[:n_best]
-        hyps = []
-        for j in order.tolist():
-            row = b * k + j
-            words = [w for w in history[row].tolist() if w != end_id][: int(lengths[b, j]) - 1]
-            att = attention[row, : len(words)] if attention is not None else None
-            hyps.append(Hypothesis(words, float(log_prob[b, j]), float(scores[b, j]), att))
-        results.append(hyps)
+        if bool(over.any()):  # those images leave the batch: every tensor keeps the others' rows
+            done(over.nonzero(as_tuple=True)[0].tolist())
+            keep = (~over).nonzero(as_tuple=True)[0]
+            rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+            state = _select(state, rows)
+            history, tokens = history.index_select(0, rows), tokens.index_select(0, rows)
+            attention = attention.index_select(0, rows) if attention is not None else None
+            log_prob, finished, lengths = log_prob[keep], finished[keep], lengths[keep]
+            images = [images[b] for b in keep.tolist()]
+    done(list(range(len(images))))
     return results
 
 

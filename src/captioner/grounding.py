@@ -64,9 +64,14 @@ def _forms(word: str) -> tuple[str, str]:
 
 def _most_probable(
     probs: torch.Tensor, candidates: list[tuple[int, list[tuple[int, int]]]]
-) -> tuple[float, list[tuple[int, int]]]:
-    """(probability, places) of the candidate whose label column is most probable in `probs` [W]."""
-    return max(((float(probs[c]), places) for c, places in candidates), default=(0.0, []), key=lambda x: x[0])
+) -> list[tuple[float, list[tuple[int, int]]]]:
+    """Per image of `probs` [B, W]: (probability, places) of the candidate whose label column is most
+    probable (the first listed of equals)."""
+    if not candidates:
+        return [(0.0, [])] * probs.shape[0]
+    columns = torch.tensor([c for c, _ in candidates], device=probs.device)
+    best, at = probs[:, columns].max(dim=1)
+    return [(p, candidates[j][1]) for p, j in zip(best.tolist(), at.tolist(), strict=True)]
 
 
 class GroundingPlan:
@@ -130,6 +135,11 @@ class GroundingPlan:
             (c, pl) for c, pl in places.items() if known[c] in animal_words and known[c] != "dog"
         ]
         self.object_borrowers = [(c, pl) for c, pl in places.items() if known[c] not in animal_words]
+        # the bonus: each id of a sayable word with the label column that pays it (the last listed wins,
+        # as "glasses" is both a plural and a label); "dog" gets none: the decoder's own best word
+        payer = {i: c for c, ids_ in self.sayable if c != self.dog_column for i in ids_}
+        self.bonus_ids = torch.tensor(list(payer), dtype=torch.long)
+        self.bonus_columns = torch.tensor(list(payer.values()), dtype=torch.long)
         # group[id]: which sayable word an id says (-1: none), so that "dogs" pays for "dog"
         self.group = torch.full((self.size,), -1, dtype=torch.long)
         for g, (_, i) in enumerate(self.sayable):
@@ -149,14 +159,12 @@ class GroundingPlan:
         by_object = torch.zeros_like(bonus, dtype=torch.bool)  # words an object lends the dog's place to
         # an extra word is said only where its label is confident or it takes the dog's place
         penalty[:, self.vocab_size :] = -torch.inf
-        if s.bonus:
-            for column, i in self.sayable:
-                if column == self.dog_column:  # the decoder's own best word: a bonus only moves it
-                    continue
-                sure = (word_probs[:, column] >= s.confident).unsqueeze(1)
-                bonus[:, i] = torch.where(sure, s.bonus, 0.0)
-                if i and i[0] >= self.vocab_size:
-                    penalty[:, i] = torch.where(sure, 0.0, penalty[:, i])
+        if s.bonus and len(self.bonus_ids):
+            ids, payers = self.bonus_ids.to(device), self.bonus_columns.to(device)
+            sure = word_probs[:, payers] >= s.confident  # [B, ids]
+            bonus[:, ids] = torch.where(sure, s.bonus, 0.0)
+            extra = ids >= self.vocab_size
+            penalty[:, ids[extra]] = torch.where(sure[:, extra], 0.0, -torch.inf)
         if self.person_column is not None:
             nobody = word_probs[:, self.person_column] < s.person_absent
             penalty[:, self.person_ids] -= torch.where(nobody, s.penalty, 0.0).unsqueeze(1)
@@ -167,13 +175,17 @@ class GroundingPlan:
             return {"bonus": bonus, "penalty": penalty, "feed": feed, "lend": lend, "by_object": by_object}
         no_dog = word_probs[:, self.dog_column] < s.absent
         penalty[:, self.dog_ids] -= torch.where(no_dog & ~no_animal, s.penalty, 0.0).unsqueeze(1)
+        animal, objects = (
+            _most_probable(word_probs, self.borrowers),
+            _most_probable(word_probs, self.object_borrowers),
+        )
         for b in no_dog.nonzero(as_tuple=True)[0].tolist():
             p, as_dog = 0.0, True
             pairs: list[tuple[int, int]] = []
             if not no_animal[b]:  # the most probable animal borrows the dog's words, fed as "dog"
-                p, pairs = _most_probable(word_probs[b], self.borrowers)
+                p, pairs = animal[b]
             if p < s.present and s.objects_borrow:  # else the most probable object, fed as itself
-                p, pairs = _most_probable(word_probs[b], self.object_borrowers)
+                p, pairs = objects[b]
                 as_dog = False
             if p >= s.present:
                 for form, dog_form in pairs:

@@ -183,9 +183,11 @@ DRAFT_FACTOR = 2
 still has real pixels to average (at 1x, decoding's own box filter would do the whole reduction)."""
 
 
-LOADER_WORKERS = min(2, os.cpu_count() or 1)
-"""DataLoader processes that read and decode files while the encoder works: on 12-megapixel JPEGs decoding
-costs more than the encoder, and two beat one on two cores (benchmarks/run.py's batch and worker sweep)."""
+LOADER_WORKERS = 2 if (os.cpu_count() or 1) > 2 else 0
+"""DataLoader processes that read and decode files while the model works on the previous batch. On two
+cores the model's two threads already fill the machine: reading in the same process was as fast on
+12-megapixel JPEGs and faster on smaller ones (224 px to 2 megapixels: 1.2 to 1.4x; benchmarks/run.py's
+loader sweep), so processes are used only where there are cores to spare."""
 
 
 def decode_side(pre: Preprocess) -> int:

@@ -263,16 +263,20 @@ class Captioner(nn.Module):
         pooled: torch.Tensor,
         grid: torch.Tensor,
         options: GenerationOptions | None = None,
+        *,
+        word_probs: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> list[list[Hypothesis]]:
         """Decode captions from features: beam search, greedy (beam_size=1) or sampling (temperature).
-        `options` (or keyword arguments naming its fields) override the model's stored defaults."""
+        `options` (or keyword arguments naming its fields) override the model's stored defaults;
+        `word_probs` is the label head's output for `pooled`, where the caller has it already."""
         o = GenerationOptions.of(options, **kwargs).over(self.generation)
         v = self.vocab
         ids = {"start_id": v.start_id, "end_id": v.end_id, "max_length": o.max_length or v.max_length}
         decoder: Any = self.decoder  # the nn.Module, or it wrapped (any object with init_state and step)
         if o.value("grounding") and self.label_head is not None:
-            decoder = Grounded(decoder, self.grounding_plan(), self.label_head(pooled))
+            probs = self.label_head(pooled) if word_probs is None else word_probs
+            decoder = Grounded(decoder, self.grounding_plan(), probs)
         decoder = WithoutWords(decoder, [v.pad_id, v.start_id, v.unk_id])
         if o.value("whole_phrases"):
             decoder = WholePhrases(decoder, v.words, v.end_id, max_length=ids["max_length"])
@@ -331,8 +335,9 @@ class Captioner(nn.Module):
         out: list[Caption] = []
         pooled_cpu, grid_cpu = pooled.cpu(), grid.cpu()
         head = self.label_head
-        labels = head.top(head(pooled)) if head is not None else [[] for _ in range(len(pooled))]
-        for hyps in self.generate(pooled, grid, options, **kwargs):
+        word_probs = head(pooled) if head is not None else None
+        labels = head.top(word_probs) if word_probs is not None else [[] for _ in range(len(pooled))]
+        for hyps in self.generate(pooled, grid, options, word_probs=word_probs, **kwargs):
             best, i = hyps[0], len(out)
             words = self.words(best.tokens)
             out.append(

@@ -22,7 +22,8 @@ class Attention(nn.Module):
 
     def forward(self, grid: torch.Tensor, grid_att: torch.Tensor, h: torch.Tensor):
         """grid [B, L, D], grid_att = feature_att(grid) [B, L, A] (computed once per image), h [B, H]."""
-        e = self.score(torch.tanh(grid_att + self.hidden_att(h).unsqueeze(1))).squeeze(2)  # [B, L]
+        # tanh in place: the sum is a step's largest tensor, and allocating a second one costs as much again
+        e = self.score(torch.tanh_(grid_att + self.hidden_att(h).unsqueeze(1))).squeeze(2)  # [B, L]
         alpha = e.softmax(dim=1)
         return torch.bmm(alpha.unsqueeze(1), grid).squeeze(1), alpha  # the weighted sum of the grid cells
 

@@ -62,7 +62,8 @@ class UpDown(nn.Module):
         h1, c1 = self.att_lstm(
             torch.cat([state["h2"], state["mean"], embedded], dim=1), (state["h1"], state["c1"])
         )
-        e = self.score(torch.tanh(state["grid_att"] + self.hidden_att(h1).unsqueeze(1))).squeeze(2)
+        # tanh in place: the sum is a step's largest tensor, and allocating a second one costs as much again
+        e = self.score(torch.tanh_(state["grid_att"] + self.hidden_att(h1).unsqueeze(1))).squeeze(2)
         alpha = e.softmax(dim=1)  # [B, L]
         context = torch.bmm(alpha.unsqueeze(1), state["grid"]).squeeze(1)
         h2, c2 = self.lang_lstm(torch.cat([context, h1], dim=1), (state["h2"], state["c2"]))
