@@ -326,3 +326,18 @@ def test_draft_leaves_other_formats_alone() -> None:
     out = io.BytesIO()
     Image.new("RGB", (400, 200), RED).save(out, "PNG")
     assert load_image(out.getvalue(), min_side=50).size == (400, 200)
+
+
+def test_loader_processes_where_there_are_cores_or_large_photos(tmp_path: Path, monkeypatch) -> None:
+    from captioner import images
+
+    small, large = tmp_path / "small.jpg", tmp_path / "large.jpg"
+    small.write_bytes(b"x" * 20_000)  # a 224 px JPEG's size
+    with open(large, "wb") as f:  # a phone photo's
+        f.truncate(images.LARGE_FILE + 1)
+    monkeypatch.setattr(images.os, "cpu_count", lambda: 2)
+    assert images.loader_workers([small] * 4, range(4), 4) == 0  # read in the model's process
+    assert images.loader_workers([large] * 3 + [small], range(4), 4) == 2
+    assert images.loader_workers([tmp_path / "missing.jpg"], range(1), 1) == 0
+    monkeypatch.setattr(images.os, "cpu_count", lambda: 8)
+    assert images.loader_workers([small] * 4, range(4), 4) == 2

@@ -183,11 +183,26 @@ DRAFT_FACTOR = 2
 still has real pixels to average (at 1x, decoding's own box filter would do the whole reduction)."""
 
 
-LOADER_WORKERS = 2 if (os.cpu_count() or 1) > 2 else 0
-"""DataLoader processes that read and decode files while the model works on the previous batch. On two
-cores the model's two threads already fill the machine: reading in the same process was as fast on
-12-megapixel JPEGs and faster on smaller ones (224 px to 2 megapixels: 1.2 to 1.4x; benchmarks/run.py's
-loader sweep), so processes are used only where there are cores to spare."""
+LARGE_FILE = 2 * 2**20
+"""Bytes: photos whose files are at least this large (a phone's 12-megapixel JPEG is 3 to 5 MB) cost more
+to decode than the model spends on them, so on two cores loader processes pay even though they take
+cores from the model's threads; smaller ones (224 px to 2 megapixels) were read faster in the model's own
+process (benchmarks/run.py's loader sweep: 12 MP 11.2 against 9.4 images/s with two processes, 224 px
+12.2 against 22.4)."""
+
+
+def loader_workers(paths: Sequence[str | os.PathLike], rows: Sequence[int], batch_size: int) -> int:
+    """DataLoader processes that read and decode files while the model works on the previous batch: two
+    where there are cores to spare or the photos are large (the first batch's median file), else none."""
+    if (os.cpu_count() or 1) > 2:
+        return 2
+    sizes = []
+    for r in rows[:batch_size]:
+        try:
+            sizes.append(os.stat(paths[r]).st_size)
+        except (OSError, TypeError, ValueError):  # a bad path: its error comes when it is read
+            pass
+    return 2 if sizes and sorted(sizes)[len(sizes) // 2] >= LARGE_FILE else 0
 
 
 def decode_side(pre: Preprocess) -> int:
@@ -288,14 +303,17 @@ def load_batches(
     *,
     rows: Sequence[int] | None = None,
     batch_size: int = 32,
-    num_workers: int = LOADER_WORKERS,
+    num_workers: int | None = None,
 ) -> Iterator[ImageBatch]:
     """Read and preprocess `paths` (or only `rows` of them) in batches, in DataLoader workers while the
-    caller works on the previous batch: what feature extraction, captioning and evaluation all run."""
+    caller works on the previous batch: what feature extraction, captioning and evaluation all run.
+    `num_workers`: loader processes (default: `loader_workers`)."""
     import torch
     from torch.utils.data import DataLoader
 
     rows = range(len(paths)) if rows is None else rows
+    if num_workers is None:
+        num_workers = loader_workers(paths, rows, batch_size)
     if batch_size == 1:  # one image a batch: a second process costs more in hand-offs than it saves
         num_workers = min(num_workers, 1)
     loader: DataLoader = DataLoader(

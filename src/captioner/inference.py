@@ -17,7 +17,7 @@ import torch
 
 from captioner.errors import CaptionerError
 from captioner.generation import GenerationOptions
-from captioner.images import LOADER_WORKERS, Preprocess, load_batches
+from captioner.images import Preprocess, load_batches
 from captioner.model import Caption, Captioner
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def caption_files(
     options: GenerationOptions | None = None,
     *,
     batch_size: int = 16,
-    num_workers: int = LOADER_WORKERS,
+    num_workers: int | None = None,
     keep_features: bool = False,
 ) -> Iterator[tuple[Path, dict]]:
     """Yield (path, result) in input order; result is `Caption.to_json()` (and, with keep_features, the

@@ -336,7 +336,7 @@ class Captioner(nn.Module):
         pooled_cpu, grid_cpu = pooled.cpu(), grid.cpu()
         head = self.label_head
         word_probs = head(pooled) if head is not None else None
-        labels = head.top(word_probs) if word_probs is not None else [[] for _ in range(len(pooled))]
+        labels = head.top(word_probs) if head and word_probs is not None else [[] for _ in range(len(pooled))]
         for hyps in self.generate(pooled, grid, options, word_probs=word_probs, **kwargs):
             best, i = hyps[0], len(out)
             words = self.words(best.tokens)
