@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from captioner.features import FeatureStore, image_key
 from captioner.generation import GenerationOptions
 from captioner.hallucination import chair
 from captioner.images import load_batches
-from captioner.metrics import CaptionScorer, format_scores
+from captioner.metrics import CaptionScorer, format_scores, format_table
 from captioner.model import Captioner
 
 
@@ -64,6 +65,19 @@ def decode(
     return captions
 
 
+def default_output(model: str | Sequence[str] | None, split: str) -> Path:
+    """eval-MODEL-SPLIT.json, so that evaluating another model (or split) keeps the first one's file:
+    runs/a/best -> eval-a-best-test.json; an ensemble's names are joined by "+"."""
+
+    def name(m: str) -> str:
+        p = Path(m.rstrip("/"))
+        text = f"{p.parent.name}-{p.name}" if p.name in ("best", "last") and p.parent.name else p.name
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
+
+    models = [model] if isinstance(model, str) else list(model or ["flickr8k"])
+    return Path(f"eval-{'+'.join(name(m) for m in models)}-{split}.json")
+
+
 def evaluate_model(
     root: str | Path,
     *,
@@ -88,7 +102,7 @@ def evaluate_model(
     what the choice costs on photos of other shapes than the training ones."""
     data = load_dataset(root, skip_missing=skip_missing, split_file=split_file)
     examples = data.split(split)[:limit]
-    captioner = Captioner.from_pretrained(model, device=device, resize=resize)
+    captioner = Captioner.from_pretrained(model, device=device, resize=resize, runtime="torch")
     described = " + ".join(captioner.members) or str(captioner.path)  # an ensemble: its members
     base = (options or GenerationOptions()).over(captioner.generation)
     runs = [dataclasses.replace(base, beam_size=b, n_best=None) for b in beam_sizes]  # validates each
@@ -153,7 +167,10 @@ def evaluate_model(
         )
         if not quiet:
             print(f"\nbeam size {beam_size} (decoded in {decode_seconds:.0f} s)")
-            print(format_scores(scores))
+            if len(runs) == 1:
+                print(format_scores(scores))
+    if not quiet and len(runs) > 1:  # one table: the beam sizes side by side
+        print("\n" + format_table({f"beam {r['beam_size']}": r["scores"] for r in reports}))
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(reports[0] if len(reports) == 1 else reports, indent=1) + "\n")

@@ -121,3 +121,23 @@ def format_scores(scores: Mapping[str, float | str]) -> str:
     return "\n".join(
         f"{k:<{width}}  {v:6.2f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in scores.items()
     )
+
+
+def format_table(columns: Mapping[str, Mapping[str, float | str]]) -> str:
+    """Several runs' scores side by side: a row per metric, a column per run (e.g. "beam 1", "beam 3");
+    a score one run lacks or could not compute (SPICE) is shown as "-", with the reason below once."""
+    names = list(columns)
+    metrics = list(dict.fromkeys(k for scores in columns.values() for k in scores))
+    width = max(len(k) for k in metrics)
+    cell = max(8, *(len(n) for n in names))
+    lines = [" " * width + "".join(f"  {n:>{cell}}" for n in names)]
+    notes = {}
+    for k in metrics:
+        values = [columns[n].get(k) for n in names]
+        if all(isinstance(v, int | float) for v in values):
+            lines.append(f"{k:<{width}}" + "".join(f"  {v:>{cell}.2f}" for v in values))
+        else:
+            lines.append(f"{k:<{width}}" + "".join(f"  {'-':>{cell}}" for _ in values))
+            notes[k] = next((v for v in values if isinstance(v, str)), "")
+    lines += [f"{k}: {v}" for k, v in notes.items() if v]
+    return "\n".join(lines)

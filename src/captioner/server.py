@@ -345,7 +345,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
     from captioner.model import DEFAULT_MODEL, Captioner
 
-    captioner = Captioner.from_pretrained(args.model, device=args.device)
+    captioner = Captioner.from_pretrained(args.model, device=args.device, runtime="torch")
     index = None
     if args.db:
         from captioner.search import PhotoIndex, attach_embedding, attach_model
