@@ -21,12 +21,12 @@ import torch
 
 from captioner.data import load_dataset
 from captioner.decoding import ends_mid_phrase
-from captioner.errors import DataError
+from captioner.errors import CaptionerError, DataError
 from captioner.features import FeatureStore, image_key
 from captioner.generation import GenerationOptions
 from captioner.hallucination import chair
 from captioner.images import load_batches
-from captioner.metrics import CaptionScorer, format_scores, format_table
+from captioner.metrics import JAVA_MISSING, CaptionScorer, format_scores, format_table, have_java
 from captioner.model import Captioner
 
 
@@ -100,6 +100,8 @@ def evaluate_model(
 
     `resize` ("squash" or "crop") overrides how the model's preprocessing makes photos square, to measure
     what the choice costs on photos of other shapes than the training ones."""
+    if not have_java():  # the published protocol's tokenizer and METEOR: no scores without them
+        raise CaptionerError(JAVA_MISSING)
     data = load_dataset(root, skip_missing=skip_missing, split_file=split_file)
     examples = data.split(split)[:limit]
     captioner = Captioner.from_pretrained(model, device=device, resize=resize, runtime="torch")
