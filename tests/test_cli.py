@@ -145,13 +145,42 @@ def test_evaluate_writes_scores_and_captions(tiny_model, tiny_data, tmp_path, ca
         )
         == 0
     )
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr()
     for metric in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"):
-        assert metric in printed
+        assert metric in printed.out
+    assert "encoding: 100%" in printed.err and "beam 3: 100%" in printed.err  # progress bars
     report = json.loads(out.read_text())
     assert report["images"] == 8 and len(report["captions"]) == 8
     assert all(0 <= v <= 100 for k, v in report["scores"].items() if k.startswith("BLEU"))
     assert isinstance(report["scores"]["SPICE"], str) or report["scores"]["SPICE"] >= 0
+
+
+def test_evaluate_puts_several_beams_in_one_table_and_names_its_file_by_model(
+    tiny_model, tiny_data, capsys, monkeypatch, tmp_path
+):
+    monkeypatch.chdir(tmp_path)
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tiny_data),
+                "--split",
+                "test",
+                "--model",
+                str(tiny_model),
+                "--beam-size",
+                "1",
+                "2",
+            ]
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if "beam 1" in line and "beam 2" in line)
+    assert header.split() == ["beam", "1", "beam", "2"]
+    cider = next(line for line in lines if line.startswith("CIDEr "))
+    assert len(cider.split()) == 3  # the metric and one score a beam size
+    assert (tmp_path / f"eval-{tiny_model.parent.name}-best-test.json").is_file()  # runs/NAME/best
 
 
 def test_evaluate_from_features_matches_images(tiny_model, tiny_data, tiny_features):

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from captioner.data import load_dataset
 from captioner.decoding import ends_mid_phrase
@@ -31,13 +32,14 @@ from captioner.model import Captioner
 
 
 def encode_images(
-    model: Captioner, paths: Sequence[Path], batch_size: int = 32
+    model: Captioner, paths: Sequence[Path], batch_size: int = 32, progress: bool = False
 ) -> tuple[list[int], torch.Tensor, torch.Tensor, dict[int, str]]:
     """Encoder features of the readable images: (their indices, pooled, grid, {index: error})."""
     ok: list[int] = []
     pooled, grid, errors = [], [], {}
     model.eval()
-    with torch.inference_mode():
+    bar = tqdm(total=len(paths), unit="img", desc="encoding", disable=not progress, mininterval=1.0)
+    with torch.inference_mode(), bar:
         for batch in load_batches(paths, model.encoder.preprocess, batch_size=batch_size):
             errors.update(batch.errors)
             if batch.images is not None:
@@ -45,6 +47,7 @@ def encode_images(
                 ok.extend(batch.good)
                 pooled.append(p)
                 grid.append(g)
+            bar.update(len(batch.rows))
     if not ok:
         return ok, torch.empty(0), torch.empty(0), errors
     return ok, torch.cat(pooled), torch.cat(grid), errors
@@ -56,12 +59,16 @@ def decode(
     grid: torch.Tensor,
     options: GenerationOptions,
     batch_size: int = 32,
+    progress: str | None = None,
 ) -> list[str]:
+    """The best caption of each image's features; `progress`: a bar with this title."""
     captions: list[str] = []
-    with torch.inference_mode():
+    bar = tqdm(total=pooled.shape[0], unit="img", desc=progress, disable=progress is None, mininterval=1.0)
+    with torch.inference_mode(), bar:
         for s in range(0, pooled.shape[0], batch_size):
             chunk = pooled[s : s + batch_size].to(model.device), grid[s : s + batch_size].to(model.device)
             captions.extend(model.decode(h[0].tokens) for h in model.generate(*chunk, options))
+            bar.update(chunk[0].shape[0])
     return captions
 
 
@@ -122,7 +129,9 @@ def evaluate_model(
         }
         pooled, grid = store.features([rows[keys[i]] for i in ok])
     else:
-        ok, pooled, grid, errors = encode_images(captioner, [ex.image for ex in examples], batch_size)
+        ok, pooled, grid, errors = encode_images(
+            captioner, [ex.image for ex in examples], batch_size, progress=not quiet
+        )
     encode_seconds = time.perf_counter() - start
     references = {keys[i]: list(examples[i].captions) for i in ok}
     scorer = CaptionScorer(references) if references else None
@@ -135,7 +144,7 @@ def evaluate_model(
     for run in runs:
         beam_size = run.value("beam_size")
         start = time.perf_counter()
-        captions = decode(captioner, pooled, grid, run, batch_size)
+        captions = decode(captioner, pooled, grid, run, batch_size, None if quiet else f"beam {beam_size}")
         generated = {keys[i]: c for i, c in zip(ok, captions, strict=True)}
         decode_seconds = time.perf_counter() - start
         if scorer is None:
