@@ -29,6 +29,74 @@ def test_version_and_help_are_quick_and_import_no_torch():
     assert "caption" in run("--help").stdout
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["caption", "x.jpg", "--beam-size", "0"], "argument --beam-size: must be at least 1, got 0"),
+        (["caption", "x.jpg", "--n-best", "0"], "argument --n-best: must be at least 1, got 0"),
+        (["caption", "x.jpg", "--batch-size", "-2"], "argument --batch-size: must be at least 1, got -2"),
+        (
+            ["caption", "x.jpg", "--length-penalty", "nan"],
+            "argument --length-penalty: expected a finite number, got 'nan'",
+        ),
+        (["caption", "x.jpg", "--temperature", "0"], "argument --temperature: must be above 0, got 0"),
+        (["caption", "x.jpg", "--top-p", "1.5"], "argument --top-p: must be at most 1, got 1.5"),
+        (
+            ["caption", "x.jpg", "--beam-size", "two"],
+            "argument --beam-size: expected a whole number, got 'two'",
+        ),
+        (["index", "photos", "--n-best", "0"], "argument --n-best: must be at least 1, got 0"),
+        (["evaluate", "data", "--beam-size", "3", "0"], "argument --beam-size: must be at least 1, got 0"),
+        (["serve", "--port", "99999"], "argument --port: must be at most 65535, got 99999"),
+        (["search", "a dog", "--top", "0"], "argument --top: must be at least 1, got 0"),
+    ],
+)
+def test_every_option_is_checked_with_one_line_naming_it(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
+def test_top_p_without_temperature_is_refused_not_ignored(tiny_model, tiny_data, capsys):
+    assert (
+        main(
+            [
+                "caption",
+                str(tiny_data / "images" / "red_square_0.jpg"),
+                "--model",
+                tiny_model,
+                "--top-p",
+                "0.9",
+            ]
+        )
+        == 1
+    )
+    assert (
+        capsys.readouterr().err.strip() == "captioner: error: top_p applies to sampling: set temperature too"
+    )
+
+
+def test_help_shows_defaults_and_the_bundled_models(capsys):
+    with pytest.raises(SystemExit):
+        main(["caption", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 3)" in text and "(default: 16)" in text
+    assert "flickr8k, flickr8k-search, flickr8k-xe" in text
+
+
+def test_sampling_gives_n_best_samples_most_probable_first(tiny_model, tiny_data):
+    from captioner.model import Captioner
+
+    model = Captioner.from_pretrained(tiny_model)
+    photos = [tiny_data / "images" / n for n in ("red_square_0.jpg", "blue_circle_1.jpg")]
+    results = model.caption(photos, temperature=1.5, n_best=4)
+    for result in results:
+        scores = [score for _, score in result.captions]
+        assert len(scores) == 4 and scores == sorted(scores, reverse=True)
+        assert result.caption == result.captions[0][0]
+
+
 def test_caption_jsonl_with_broken_files(tiny_model, tiny_data, tmp_path):
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
@@ -77,13 +145,42 @@ def test_evaluate_writes_scores_and_captions(tiny_model, tiny_data, tmp_path, ca
         )
         == 0
     )
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr()
     for metric in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"):
-        assert metric in printed
+        assert metric in printed.out
+    assert "encoding: 100%" in printed.err and "beam 3: 100%" in printed.err  # progress bars
     report = json.loads(out.read_text())
     assert report["images"] == 8 and len(report["captions"]) == 8
     assert all(0 <= v <= 100 for k, v in report["scores"].items() if k.startswith("BLEU"))
     assert isinstance(report["scores"]["SPICE"], str) or report["scores"]["SPICE"] >= 0
+
+
+def test_evaluate_puts_several_beams_in_one_table_and_names_its_file_by_model(
+    tiny_model, tiny_data, capsys, monkeypatch, tmp_path
+):
+    monkeypatch.chdir(tmp_path)
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tiny_data),
+                "--split",
+                "test",
+                "--model",
+                str(tiny_model),
+                "--beam-size",
+                "1",
+                "2",
+            ]
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if "beam 1" in line and "beam 2" in line)
+    assert header.split() == ["beam", "1", "beam", "2"]
+    cider = next(line for line in lines if line.startswith("CIDEr "))
+    assert len(cider.split()) == 3  # the metric and one score a beam size
+    assert (tmp_path / f"eval-{tiny_model.parent.name}-best-test.json").is_file()  # runs/NAME/best
 
 
 def test_evaluate_from_features_matches_images(tiny_model, tiny_data, tiny_features):

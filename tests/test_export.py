@@ -125,7 +125,7 @@ def test_onnx_captions_match_torch(name, checkpoints, exports, tiny_data):
     assert all(c.labels for c in expected)  # nor one of empty labels
 
 
-def test_cli_captions_with_onnx_runtime(exports, checkpoints, tiny_data, tmp_path):
+def test_cli_recognises_an_onnx_export_by_itself(exports, checkpoints, tiny_data, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
     names = ["blue_circle_1.jpg", "green_square_2.jpg", "red_square_0.jpg"]
@@ -134,7 +134,7 @@ def test_cli_captions_with_onnx_runtime(exports, checkpoints, tiny_data, tmp_pat
     shutil.copy(FIXTURES / "truncated.jpg", folder / "truncated.jpg")
     result = subprocess.run(
         [sys.executable, "-m", "captioner.cli", "caption", folder, "--model", exports["attention"]]
-        + ["--runtime", "onnx", "--format", "jsonl", "--batch-size", "2"],
+        + ["--format", "jsonl", "--batch-size", "2"],  # no --runtime onnx: the directory says it
         capture_output=True,
         text=True,
         timeout=300,
@@ -149,6 +149,20 @@ def test_cli_captions_with_onnx_runtime(exports, checkpoints, tiny_data, tmp_pat
     assert [[x["label"] for x in records[n]["labels"]] for n in names] == [
         [x.label for x in c.labels] for c in expected
     ]
+
+
+def test_from_pretrained_of_an_export_gives_the_onnxruntime_captioner(exports, checkpoints, tiny_data):
+    photo = tiny_data / "images" / "blue_circle_1.jpg"
+    model = Captioner.from_pretrained(exports["attention"])
+    assert isinstance(model, OnnxCaptioner)
+    assert (
+        model.caption(photo).caption
+        == Captioner.from_pretrained(checkpoints["attention"]).caption(photo).caption
+    )
+    with pytest.raises(
+        CheckpointError, match="an ONNX export .*the checkpoint directory it was exported from"
+    ):
+        Captioner.from_pretrained(exports["attention"], runtime="torch")  # what evaluate and serve ask for
 
 
 def test_a_bad_graph_fails_the_export_and_leaves_nothing(checkpoints, tmp_path):

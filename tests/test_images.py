@@ -341,3 +341,28 @@ def test_loader_processes_where_there_are_cores_or_large_photos(tmp_path: Path, 
     assert images.loader_workers([tmp_path / "missing.jpg"], range(1), 1) == 0
     monkeypatch.setattr(images.os, "cpu_count", lambda: 8)
     assert images.loader_workers([small] * 4, range(4), 4) == 2
+
+
+@pytest.mark.parametrize("name", ["rotate6.heic", "rotate6.avif"])
+def test_phone_formats_are_read_upright(name: str) -> None:
+    img = load_image(FIXTURES / name)  # made by pillow-heif / Pillow's AVIF: stored 40x20, EXIF orientation 6
+    assert img.mode == "RGB" and img.size == (20, 40)
+    assert close(img.getpixel((10, 2)), RED) and close(img.getpixel((10, 37)), BLUE)
+
+
+def test_phone_formats_are_found_in_folders(tmp_path: Path) -> None:
+    from captioner.inference import find_images
+
+    for name in ("a.HEIC", "b.heif", "c.avif", "d.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in find_images([tmp_path])] == ["a.HEIC", "b.heif", "c.avif"]
+
+
+def test_a_heic_without_its_plugin_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from captioner import images
+
+    monkeypatch.setattr(images, "_plugins", lambda: frozenset({"JPEG", "PNG"}))
+    with pytest.raises(
+        ImageError, match=r"rotate6.heic: a HEIC image, which needs `pip install pillow-heif`"
+    ):
+        load_image(FIXTURES / "rotate6.heic")

@@ -136,8 +136,8 @@ def check_own_photos(out: str, cwd: Path) -> None:
 def check_evaluate(out: str, cwd: Path) -> None:
     for metric in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"):
         assert re.search(rf"^{metric}\s", out, re.M), f"no {metric} line"
-    assert "8 images" in out and "eval-test.json" in out
-    report = json.loads((cwd / "eval-test.json").read_text())
+    assert "8 images" in out and "eval-my-photos-best-test.json" in out
+    report = json.loads((cwd / "eval-my-photos-best-test.json").read_text())
     assert report["images"] == 8 and len(report["captions"]) == 8
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -268,6 +269,34 @@ def test_search_finds_indexed_photos(search_client):
     full = search_client.get("/api/photo", params={"path": hits[0]["path"], "size": "full"})
     assert full.status_code == 200 and full.content == Path(hits[0]["path"]).read_bytes()
     assert search_client.get("/api/search", params={"q": ""}).status_code == 422
+    assert hits[0]["name"] == Path(hits[0]["path"]).name  # as its owner knows it: in the indexed folder
+
+
+def test_docs_need_no_internet(client):
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    scripts = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', docs.text)
+    assert scripts and all(s.startswith("/") for s in scripts), scripts  # served here, not from a CDN
+    for asset in scripts:
+        assert client.get(asset).status_code == 200
+
+
+def test_serve_captions_uploads_with_the_model_that_made_the_index(tiny_model, tiny_data, tmp_path):
+    import argparse
+
+    from captioner.search import PhotoIndex
+    from captioner.server import load_app
+
+    db = tmp_path / "photos.sqlite"
+    PhotoIndex(db, create=True).update(
+        tiny_data / "images", Captioner.from_pretrained(tiny_model), model_name=str(tiny_model)
+    )
+    args = argparse.Namespace(
+        model=None, db=str(db), device="cpu", max_upload_mb=5.0, max_batch=4, max_wait_ms=1.0
+    )
+    with TestClient(load_app(args)) as c:
+        health = c.get("/healthz").json()
+    assert health["model"] == tiny_model.name and health["decoder"] == "attention"
 
 
 def test_photo_serves_only_indexed_paths(search_client, tiny_data):

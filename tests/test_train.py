@@ -42,6 +42,16 @@ def test_training_on_images_without_a_cache(tiny_data, tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 0
 
 
+def test_a_short_run_logs_its_loss_and_says_which_epoch_was_best(tiny_data, tiny_features, tmp_path, capsys):
+    config = tiny_config(tiny_data, tiny_features, tmp_path, "merge", epochs=2, log_every=50)  # > steps
+    train(config, progress=False)
+    assert len(losses(tmp_path)) == 2  # one line an epoch, though log_every is never reached
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("best: epoch ") and " of 2, validation BLEU-4 " in last
+    assert f"saved in {tmp_path / 'best'}" in last
+    assert json.loads((tmp_path / "best" / "val_scores.json").read_text())["CIDEr"] >= 0
+
+
 def test_refuses_to_overwrite_a_run_without_resume(tiny_data, tiny_features, tmp_path):
     config = tiny_config(tiny_data, tiny_features, tmp_path, "merge", epochs=1, max_steps=1)
     train(config, progress=False)

@@ -43,6 +43,55 @@ def main(argv: list[str] | None = None) -> int:
     # Anything else is a bug in captioner: Python prints its traceback, which is what a report needs.
 
 
+class _Help(argparse.HelpFormatter):
+    """--help shows every option's default (argparse's own defaults formatter skips options without help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = (
+            action.default is None or isinstance(action.default, bool) or action.default == argparse.SUPPRESS
+        )
+        shown = action.option_strings and not unset
+        if shown and "default" not in text:
+            text += (" " if text else "") + "(default: %(default)s)"
+        return text
+
+
+def _number(
+    kind: type = int, *, low: float | None = None, above: float | None = None, high: float | None = None
+):
+    """An argparse type: a finite `kind` within the bounds, else a one-line error naming the option."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}, got {text}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"must be above {above:g}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse names in "invalid int value"
+    return parse
+
+
+POSITIVE, COUNT, NUMBER = _number(int, low=1), _number(int, low=0), _number(float)
+
+
+def _bundled() -> str:
+    """The bundled models' names, without importing torch (for --help)."""
+    root = Path(__file__).parent / "bundled"
+    return ", ".join(sorted(p.name for p in root.iterdir() if (p / "config.json").exists())) or "none"
+
+
 def _decoding_switches(parser: argparse.ArgumentParser) -> None:
     """The switches that take decoding back to the decoder alone, shared by `caption` and `evaluate`."""
     parser.add_argument(
@@ -64,7 +113,8 @@ def _model_option(parser: argparse.ArgumentParser) -> None:
         "--model",
         action="append",
         default=None,
-        help="checkpoint directory or bundled model name; give it twice or more for an ensemble",
+        help=f"a checkpoint directory, a `captioner export` directory or a bundled model ({_bundled()}; "
+        "default: flickr8k); give it twice or more for an ensemble",
     )
 
 
@@ -81,17 +131,34 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("caption", help="caption images (files or folders)")
     c.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     _model_option(c)
-    c.add_argument("--beam-size", type=int, default=3)
-    c.add_argument("--n-best", type=int, default=1)
-    c.add_argument("--length-penalty", type=float, default=None, help="default: the model's own")
-    c.add_argument("--no-repeat-ngram", type=int, default=None, help="block repeated n-grams (beam search)")
-    c.add_argument("--temperature", type=float, default=None, help="sample instead of searching")
+    c.add_argument("--beam-size", type=POSITIVE, default=3, help="beams of the search (1: greedy)")
     c.add_argument(
-        "--top-p", type=float, default=None, help="nucleus sampling threshold (with --temperature)"
+        "--n-best",
+        type=POSITIVE,
+        default=1,
+        help="captions an image, best first (with --temperature: samples)",
+    )
+    c.add_argument(
+        "--length-penalty", type=NUMBER, default=None, help="GNMT alpha (default: the model's own)"
+    )
+    c.add_argument("--no-repeat-ngram", type=COUNT, default=None, help="block repeated n-grams (beam search)")
+    c.add_argument(
+        "--temperature", type=_number(float, above=0), default=None, help="sample instead of searching"
+    )
+    c.add_argument(
+        "--top-p",
+        type=_number(float, above=0, high=1),
+        default=None,
+        help="nucleus sampling (with --temperature)",
     )
     _decoding_switches(c)
-    c.add_argument("--batch-size", type=int, default=16)
-    c.add_argument("--format", choices=["text", "jsonl"], default="text")
+    c.add_argument("--batch-size", type=POSITIVE, default=16, help="images a pass")
+    c.add_argument(
+        "--format",
+        choices=["text", "jsonl"],
+        default="text",
+        help="jsonl: one JSON record an image, with score and labels",
+    )
     c.add_argument(
         "--out",
         default=None,
@@ -99,14 +166,21 @@ def _parser() -> argparse.ArgumentParser:
         "and needed under torchrun, whose processes share the images",
     )
     c.add_argument(
-        "--runtime", choices=["torch", "onnx"], default="torch", help="onnx: a `captioner export` dir"
+        "--runtime",
+        choices=["auto", "torch", "onnx"],
+        default="auto",
+        help="auto: onnxruntime for a `captioner export` directory, else PyTorch",
     )
     c.add_argument("--device", default="auto", help="torch runtime: auto (the GPU if any), cpu, cuda, cuda:N")
     c.set_defaults(run=_caption)
 
     x = sub.add_parser("export", help="export a model for another runtime")
     x.add_argument("--format", choices=["onnx"], default="onnx")
-    x.add_argument("--model", default=None)
+    x.add_argument(
+        "--model",
+        default=None,
+        help=f"checkpoint directory or bundled model ({_bundled()}; default: flickr8k)",
+    )
     x.add_argument("--out", required=True, help="directory to write (graphs, config, vocabulary)")
     x.set_defaults(run=_export)
 
@@ -120,7 +194,7 @@ def _parser() -> argparse.ArgumentParser:
     ds = dsub.add_parser("split", help="save a data set's splits to a file, so they stay as they are")
     ds.add_argument("root")
     ds.add_argument("--out", default=None, help="default: captioner_split.json beside the data")
-    ds.add_argument("--seed", type=int, default=0, help="of the seeded split, for layouts without one")
+    ds.add_argument("--seed", type=COUNT, default=0, help="of the seeded split, for layouts without one")
     ds.add_argument("--skip-missing", action="store_true")
     ds.set_defaults(run=_data_split)
 
@@ -129,8 +203,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--encoder", default="efficientnet_lite2")
     e.add_argument("--out", required=True, help="feature cache directory")
     e.add_argument("--resize", choices=["squash", "crop"], default=None, help="override the resize mode")
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--workers", type=int, default=1)
+    e.add_argument("--batch-size", type=POSITIVE, default=32)
+    e.add_argument("--workers", type=COUNT, default=1, help="loader processes")
     e.add_argument("--skip-missing", action="store_true")
     e.set_defaults(run=_extract)
 
@@ -146,15 +220,19 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("root")
     v.add_argument("--split", default="test")
     _model_option(v)
-    v.add_argument("--beam-size", type=int, nargs="+", default=[3], help="one or more, e.g. 1 3 5")
-    v.add_argument("--length-penalty", type=float, default=None, help="default: the model's own")
-    v.add_argument("--no-repeat-ngram", type=int, default=None, help="block repeated n-grams (beam search)")
+    v.add_argument("--beam-size", type=POSITIVE, nargs="+", default=[3], help="one or more, e.g. 1 3 5")
+    v.add_argument(
+        "--length-penalty", type=NUMBER, default=None, help="GNMT alpha (default: the model's own)"
+    )
+    v.add_argument("--no-repeat-ngram", type=COUNT, default=None, help="block repeated n-grams (beam search)")
     _decoding_switches(v)
-    v.add_argument("--batch-size", type=int, default=32)
-    v.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
+    v.add_argument("--batch-size", type=POSITIVE, default=32)
+    v.add_argument("--limit", type=POSITIVE, default=None, help="only the first N images of the split")
     v.add_argument("--features", default=None, help="feature cache of the model's encoder (faster)")
     v.add_argument(
-        "--output", default=None, help="JSON file for the scores and every caption (default: eval-SPLIT.json)"
+        "--output",
+        default=None,
+        help="JSON file for the scores and every caption (default: eval-MODEL-SPLIT.json)",
     )
     v.add_argument("--skip-missing", action="store_true")
     v.add_argument(
@@ -177,8 +255,10 @@ def _parser() -> argparse.ArgumentParser:
         help="a search embedding's checkpoint folder (captioner train, task search)",
     )
     r.add_argument("--features", default=None, help="feature cache of the embedding's encoder (faster)")
-    r.add_argument("--queries", type=int, default=None, help="each photo's first N captions (default: all)")
-    r.add_argument("--limit", type=int, default=None, help="only the first N photos of the split")
+    r.add_argument(
+        "--queries", type=POSITIVE, default=None, help="each photo's first N captions (default: all)"
+    )
+    r.add_argument("--limit", type=POSITIVE, default=None, help="only the first N photos of the split")
     r.add_argument("--output", default=None, help="JSON file for the scores")
     r.add_argument("--skip-missing", action="store_true")
     r.set_defaults(run=_evaluate_search)
@@ -187,9 +267,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("folder")
     i.add_argument("--db", default="photos.sqlite")
     i.add_argument("--model", default=None, help="default: flickr8k-xe, the better model for search")
-    i.add_argument("--beam-size", type=int, default=3)
-    i.add_argument("--n-best", type=int, default=3)
-    i.add_argument("--batch-size", type=int, default=16)
+    i.add_argument("--beam-size", type=POSITIVE, default=3)
+    i.add_argument("--n-best", type=POSITIVE, default=3, help="captions kept a photo, for search")
+    i.add_argument("--batch-size", type=POSITIVE, default=16)
     i.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda or cuda:N")
     i.add_argument(
         "--embedding",
@@ -214,7 +294,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--image", default=None, help="instead of a query: find the photos most like this one")
     q.add_argument("--db", default="photos.sqlite")
-    q.add_argument("--top", type=int, default=5)
+    q.add_argument("--top", type=POSITIVE, default=5, help="results a query")
     q.add_argument(
         "--model", default=None, help="the model that made the index (default: the one it records)"
     )
@@ -228,22 +308,34 @@ def _parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("serve", help="the captioning web page and JSON API")
     w.add_argument("--host", default="127.0.0.1")
-    w.add_argument("--port", type=int, default=8000)
+    w.add_argument("--port", type=_number(int, low=0, high=65535), default=8000, help="0: any free port")
     _model_option(w)
     w.add_argument("--db", default=None, help="a photo index (from `captioner index`) to search on the page")
-    w.add_argument("--max-upload-mb", type=float, default=20.0)
-    w.add_argument("--max-batch", type=int, default=16, help="most requests captioned in one pass")
-    w.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for others")
+    w.add_argument("--max-upload-mb", type=_number(float, above=0), default=20.0)
+    w.add_argument("--max-batch", type=POSITIVE, default=16, help="most requests captioned in one pass")
+    w.add_argument(
+        "--max-wait-ms", type=_number(float, low=0), default=10.0, help="how long a request waits for others"
+    )
     w.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda or cuda:N")
     w.set_defaults(run=_serve)
+    _with_help(p)
     return p
+
+
+def _with_help(parser: argparse.ArgumentParser) -> None:
+    """Every command's --help shows the defaults."""
+    parser.formatter_class = _Help
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _with_help(sub)
 
 
 def _export(args: argparse.Namespace) -> int:
     from captioner.model import Captioner
     from captioner.onnx import export_onnx
 
-    out = export_onnx(Captioner.from_pretrained(args.model), args.out)
+    out = export_onnx(Captioner.from_pretrained(args.model, runtime="torch"), args.out)
     print(f"exported {args.format} model to {out}")
     return 0
 
@@ -374,7 +466,7 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from captioner.evaluate import evaluate_model
+    from captioner.evaluate import default_output, evaluate_model
     from captioner.generation import GenerationOptions
 
     evaluate_model(
@@ -392,7 +484,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         limit=args.limit,
         features=args.features,
         resize=args.resize,
-        output=Path(args.output or f"eval-{args.split}.json"),
+        output=Path(args.output) if args.output else default_output(args.model, args.split),
         skip_missing=args.skip_missing,
         split_file=args.split_file,
         device=args.device,

@@ -85,7 +85,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     save_every_steps: int = 0  # also checkpoint mid-epoch every N steps (0 = once per epoch)
-    save_dtype: str = "float32"  # "float16" halves the size of shipped checkpoints
+    save_dtype: str = "float16"  # of OUT/best, for inference: "float16" (half the size) or "float32"
     init_from: str | None = None  # start from this checkpoint's weights, vocabulary and decoder settings
     scst: bool = False  # self-critical training (CIDEr-D reward) instead of cross-entropy; use with init_from
     scst_samples: int = 5  # captions sampled per image
@@ -105,6 +105,84 @@ class Config:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class Limit:
+    """What a config value may be: at least `low`, more than `above`, at most `high`, less than `below`,
+    or one of `choices`."""
+
+    low: float | None = None
+    above: float | None = None
+    high: float | None = None
+    below: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def allows(self, v: Any) -> bool:
+        if self.choices:
+            return v in self.choices
+        if isinstance(v, float) and v != v:  # NaN
+            return False
+        return not (
+            (self.low is not None and v < self.low)
+            or (self.above is not None and v <= self.above)
+            or (self.high is not None and v > self.high)
+            or (self.below is not None and v >= self.below)
+        )
+
+    def __str__(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        parts = [
+            f">= {self.low:g}" if self.low is not None else "",
+            f"> {self.above:g}" if self.above is not None else "",
+        ]
+        parts += [
+            f"<= {self.high:g}" if self.high is not None else "",
+            f"< {self.below:g}" if self.below is not None else "",
+        ]
+        return " and ".join(p for p in parts if p)
+
+
+POSITIVE, COUNT, SIZE, FRACTION = Limit(above=0), Limit(low=0), Limit(low=1), Limit(low=0, below=1)
+LIMITS = {
+    "data.val_images": COUNT,
+    "data.min_count": SIZE,
+    "data.length_percentile": Limit(above=0, high=100),
+    "encoder.resize": Limit(choices=("squash", "crop")),
+    "encoder.finetune": Limit(low=0, high=1),
+    "encoder.lr": POSITIVE,
+    "decoder.embed_dim": SIZE,
+    "decoder.hidden_dim": SIZE,
+    "decoder.attention_dim": SIZE,
+    "decoder.dropout": FRACTION,
+    "decoder.alpha_c": COUNT,
+    "embedding.embed_dim": SIZE,
+    "embedding.hidden_dim": SIZE,
+    "embedding.dropout": FRACTION,
+    "embedding.hard_margin": COUNT,
+    "train.task": Limit(choices=("caption", "search")),
+    "train.epochs": SIZE,
+    "train.max_steps": COUNT,
+    "train.batch_size": SIZE,
+    "train.lr": POSITIVE,
+    "train.weight_decay": COUNT,
+    "train.grad_clip": COUNT,
+    "train.label_smoothing": FRACTION,
+    "train.schedule": Limit(choices=("plateau", "cosine", "constant")),
+    "train.lr_decay": Limit(above=0, high=1),
+    "train.lr_patience": SIZE,
+    "train.patience": SIZE,
+    "train.val_beam_size": SIZE,
+    "train.num_workers": COUNT,
+    "train.log_every": SIZE,
+    "train.save_every_steps": COUNT,
+    "train.save_dtype": Limit(choices=("float16", "float32")),
+    "train.scst_samples": SIZE,
+    "train.scst_baseline": Limit(choices=("mean", "greedy")),
+}
+"""Checked as each value is read, so a bad one fails at load time, naming its file (or the command
+line) and key, not an epoch later."""
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Config from a YAML file (missing keys keep their defaults), then `section.key=value` overrides."""
     raw: dict = {}
@@ -117,27 +195,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(
                 f"{path}: a config is a mapping of sections (data, encoder, decoder, train, embedding)"
             )
+    config = from_dict(raw, source=str(path or "config"))
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
             raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.epochs=5")
         section, name = key.split(".", 1)
-        raw.setdefault(section, {})[name] = yaml.safe_load(value)
-    return from_dict(raw, source=str(path or "overrides"))
+        _apply(config, {section: {name: yaml.safe_load(value)}}, f"command line {item!r}")
+    return config
 
 
 def from_dict(raw: dict, source: str = "config") -> Config:
-    config = Config()
+    return _apply(Config(), raw, source)
+
+
+def _apply(config: Config, raw: dict, source: str) -> Config:
     for section, values in raw.items():
         if section not in {f.name for f in dataclasses.fields(Config)}:
             raise ConfigError(f"{source}: unknown section {section!r}")
+        if not isinstance(values, dict | None):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping of keys, got {values!r}")
         target = getattr(config, section)
         hints = typing.get_type_hints(type(target))
         for name, value in (values or {}).items():
             if name not in hints:
                 known = ", ".join(f.name for f in dataclasses.fields(target))
                 raise ConfigError(f"{source}: unknown key {section}.{name} (known: {known})")
-            setattr(target, name, coerce(value, hints[name], f"{source}: {section}.{name}"))
+            value = coerce(value, hints[name], f"{source}: {section}.{name}")
+            limit = LIMITS.get(f"{section}.{name}")
+            if limit is not None and value is not None and not limit.allows(value):
+                raise ConfigError(f"{source}: {section}.{name} must be {limit}, got {value!r}")
+            setattr(target, name, value)
     return config
 
 

@@ -11,32 +11,35 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from captioner.data import load_dataset
 from captioner.decoding import ends_mid_phrase
-from captioner.errors import DataError
+from captioner.errors import CaptionerError, DataError
 from captioner.features import FeatureStore, image_key
 from captioner.generation import GenerationOptions
 from captioner.hallucination import chair
 from captioner.images import load_batches
-from captioner.metrics import CaptionScorer, format_scores
+from captioner.metrics import JAVA_MISSING, CaptionScorer, format_scores, format_table, have_java
 from captioner.model import Captioner
 
 
 def encode_images(
-    model: Captioner, paths: Sequence[Path], batch_size: int = 32
+    model: Captioner, paths: Sequence[Path], batch_size: int = 32, progress: bool = False
 ) -> tuple[list[int], torch.Tensor, torch.Tensor, dict[int, str]]:
     """Encoder features of the readable images: (their indices, pooled, grid, {index: error})."""
     ok: list[int] = []
     pooled, grid, errors = [], [], {}
     model.eval()
-    with torch.inference_mode():
+    bar = tqdm(total=len(paths), unit="img", desc="encoding", disable=not progress, mininterval=1.0)
+    with torch.inference_mode(), bar:
         for batch in load_batches(paths, model.encoder.preprocess, batch_size=batch_size):
             errors.update(batch.errors)
             if batch.images is not None:
@@ -44,6 +47,7 @@ def encode_images(
                 ok.extend(batch.good)
                 pooled.append(p)
                 grid.append(g)
+            bar.update(len(batch.rows))
     if not ok:
         return ok, torch.empty(0), torch.empty(0), errors
     return ok, torch.cat(pooled), torch.cat(grid), errors
@@ -55,13 +59,30 @@ def decode(
     grid: torch.Tensor,
     options: GenerationOptions,
     batch_size: int = 32,
+    progress: str | None = None,
 ) -> list[str]:
+    """The best caption of each image's features; `progress`: a bar with this title."""
     captions: list[str] = []
-    with torch.inference_mode():
+    bar = tqdm(total=pooled.shape[0], unit="img", desc=progress, disable=progress is None, mininterval=1.0)
+    with torch.inference_mode(), bar:
         for s in range(0, pooled.shape[0], batch_size):
             chunk = pooled[s : s + batch_size].to(model.device), grid[s : s + batch_size].to(model.device)
             captions.extend(model.decode(h[0].tokens) for h in model.generate(*chunk, options))
+            bar.update(chunk[0].shape[0])
     return captions
+
+
+def default_output(model: str | Sequence[str] | None, split: str) -> Path:
+    """eval-MODEL-SPLIT.json, so that evaluating another model (or split) keeps the first one's file:
+    runs/a/best -> eval-a-best-test.json; an ensemble's names are joined by "+"."""
+
+    def name(m: str) -> str:
+        p = Path(m.rstrip("/"))
+        text = f"{p.parent.name}-{p.name}" if p.name in ("best", "last") and p.parent.name else p.name
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
+
+    models = [model] if isinstance(model, str) else list(model or ["flickr8k"])
+    return Path(f"eval-{'+'.join(name(m) for m in models)}-{split}.json")
 
 
 def evaluate_model(
@@ -86,9 +107,11 @@ def evaluate_model(
 
     `resize` ("squash" or "crop") overrides how the model's preprocessing makes photos square, to measure
     what the choice costs on photos of other shapes than the training ones."""
+    if not have_java():  # the published protocol's tokenizer and METEOR: no scores without them
+        raise CaptionerError(JAVA_MISSING)
     data = load_dataset(root, skip_missing=skip_missing, split_file=split_file)
     examples = data.split(split)[:limit]
-    captioner = Captioner.from_pretrained(model, device=device, resize=resize)
+    captioner = Captioner.from_pretrained(model, device=device, resize=resize, runtime="torch")
     described = " + ".join(captioner.members) or str(captioner.path)  # an ensemble: its members
     base = (options or GenerationOptions()).over(captioner.generation)
     runs = [dataclasses.replace(base, beam_size=b, n_best=None) for b in beam_sizes]  # validates each
@@ -106,7 +129,9 @@ def evaluate_model(
         }
         pooled, grid = store.features([rows[keys[i]] for i in ok])
     else:
-        ok, pooled, grid, errors = encode_images(captioner, [ex.image for ex in examples], batch_size)
+        ok, pooled, grid, errors = encode_images(
+            captioner, [ex.image for ex in examples], batch_size, progress=not quiet
+        )
     encode_seconds = time.perf_counter() - start
     references = {keys[i]: list(examples[i].captions) for i in ok}
     scorer = CaptionScorer(references) if references else None
@@ -119,7 +144,7 @@ def evaluate_model(
     for run in runs:
         beam_size = run.value("beam_size")
         start = time.perf_counter()
-        captions = decode(captioner, pooled, grid, run, batch_size)
+        captions = decode(captioner, pooled, grid, run, batch_size, None if quiet else f"beam {beam_size}")
         generated = {keys[i]: c for i, c in zip(ok, captions, strict=True)}
         decode_seconds = time.perf_counter() - start
         if scorer is None:
@@ -153,7 +178,10 @@ def evaluate_model(
         )
         if not quiet:
             print(f"\nbeam size {beam_size} (decoded in {decode_seconds:.0f} s)")
-            print(format_scores(scores))
+            if len(runs) == 1:
+                print(format_scores(scores))
+    if not quiet and len(runs) > 1:  # one table: the beam sizes side by side
+        print("\n" + format_table({f"beam {r['beam_size']}": r["scores"] for r in reports}))
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(reports[0] if len(reports) == 1 else reports, indent=1) + "\n")

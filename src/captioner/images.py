@@ -18,29 +18,78 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, cast
+from typing import TYPE_CHECKING, BinaryIO, Union, cast
 
 from PIL import Image, ImageOps
 
 from captioner.errors import ConfigError, ImageError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from torchvision.transforms import Compose
 
 MAX_IMAGE_PIXELS: int = 64_000_000
 """Decompression-bomb limit in pixels. Pillow's own limit (``Image.MAX_IMAGE_PIXELS``) also applies."""
 
-IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM")
-"""Formats Pillow may try (JPEG includes phone MPO files). Allow-listed so an upload cannot reach exotic
-decoders (e.g. EPS runs Ghostscript)."""
+IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "HEIF", "AVIF")
+"""Formats Pillow may try (JPEG includes phone MPO files; HEIF is iPhone's HEIC, read by pillow-heif;
+AVIF is Pillow's own from 11.3). Allow-listed so an upload cannot reach exotic decoders (e.g. EPS runs
+Ghostscript)."""
+
+# ISO base media "ftyp" brands: what a HEIC or AVIF file says it is in its first bytes
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+_AVIF_BRANDS = (b"avif", b"avis")
+
+
+@functools.cache
+def _plugins() -> frozenset[str]:
+    """Register the optional decoders once (pillow-heif for HEIC; pillow-avif-plugin on a Pillow without
+    AVIF); returns the formats that can be read."""
+    formats = set(IMAGE_FORMATS) - {"HEIF", "AVIF"}
+    try:
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+        formats.add("HEIF")
+    except ImportError:
+        pass
+    from PIL import features
+
+    if "avif" in features.get_supported_modules() and features.check("avif"):
+        formats.add("AVIF")
+    else:
+        try:
+            import pillow_avif  # type: ignore[import-not-found]  # noqa: F401  (registers itself)
+
+            formats.add("AVIF")
+        except ImportError:
+            pass
+    return frozenset(formats)
+
+
+def _unreadable_kind(data: bytes) -> str | None:
+    """'HEIC' or 'AVIF' when the bytes are one that no installed plugin reads, else None."""
+    if data[4:8] != b"ftyp":
+        return None
+    brand = data[8:12]
+    if brand in _HEIF_BRANDS and "HEIF" not in _plugins():
+        return "HEIC"
+    if brand in _AVIF_BRANDS and "AVIF" not in _plugins():
+        return "AVIF"
+    return None
+
 
 _HIGH_BIT_DEPTH = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 _WITH_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
+ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, "np.ndarray"]
+"""What ``load_image`` takes: a path, the file's bytes, a binary file object, a PIL image or a numpy array."""
+
+
 def load_image(
-    source: str | os.PathLike | bytes | BinaryIO,
+    source: ImageSource,
     *,
     name: str | None = None,
     max_pixels: int = MAX_IMAGE_PIXELS,
@@ -55,14 +104,24 @@ def load_image(
     ``min_side``: the caller needs only this many pixels on each side, so a JPEG is decoded at 1/2, 1/4 or
     1/8 scale (Pillow's ``draft``: the decoder skips the rest of the DCT) as long as both sides stay at
     least this long. A 12-megapixel photo then costs a fraction of its full decode, in time and memory.
+
+    A PIL image or a numpy array (H x W grey, H x W x 3 RGB or H x W x 4 RGBA; uint8, or floats from 0 to
+    1) has been decoded already: it is used as it is (EXIF orientation applied to a PIL image), so the
+    same JPEG given by path can differ from it by the reduced-scale decoding.
     """
+    if isinstance(source, Image.Image):
+        return _from_pil(source, name or "<PIL image>", max_pixels)
+    if hasattr(source, "__array_interface__") or type(source).__module__ == "numpy":
+        return _from_pil(
+            _from_array(cast("np.ndarray", source), name or "<array>"), name or "<array>", max_pixels
+        )
     label, data = _read(source, name)
     if not data:
         raise ImageError(label, "file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+            with Image.open(io.BytesIO(data), formats=sorted(_plugins())) as img:
                 width, height = img.size  # known from the header alone: check before decoding anything
                 if width * height > max_pixels:
                     raise ImageError(
@@ -77,13 +136,89 @@ def load_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(label, f"image is too large, possible decompression bomb ({e})") from None
     except Image.UnidentifiedImageError:
-        formats = ", ".join(IMAGE_FORMATS)
+        if kind := _unreadable_kind(data):
+            package = "pillow-heif" if kind == "HEIC" else "pillow-avif-plugin"
+            raise ImageError(
+                label, f"a {kind} image, which needs `pip install {package}` to be read"
+            ) from None
+        formats = ", ".join(sorted(_plugins()))
         raise ImageError(label, f"not a recognised image file (supported formats: {formats})") from None
     except Exception as e:  # Pillow's decoders raise many types on bad data; all mean "unusable file"
         if "truncated" in str(e):
             raise ImageError(label, "file is truncated (the image data ends early)") from e
         raise ImageError(label, f"corrupt image data ({type(e).__name__}: {e})") from e
     return _to_rgb(upright, label)
+
+
+def _from_pil(img: Image.Image, label: str, max_pixels: int) -> Image.Image:
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError(
+            label, f"image is too large ({width}x{height} pixels, limit is {max_pixels:,} pixels)"
+        )
+    try:
+        img.load()  # an image from Image.open() is read only now
+    except Exception as e:
+        raise ImageError(label, f"corrupt image data ({type(e).__name__}: {e})") from e
+    return _to_rgb(_upright(img), label)  # a copy: the caller's image is not changed
+
+
+def _from_array(array: np.ndarray, label: str) -> Image.Image:
+    import numpy as np
+
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))) or 0 in a.shape:
+        raise ImageError(
+            label,
+            f"an array image must be H x W (grey), H x W x 3 (RGB) or H x W x 4 (RGBA), not {a.shape}"
+            + (
+                " (channels first? use array.transpose(1, 2, 0))"
+                if a.ndim == 3 and a.shape[0] in (3, 4)
+                else ""
+            ),
+        )
+    if a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype.kind == "f":
+        if not np.isfinite(a).all() or a.min() < 0.0 or a.max() > 1.0:
+            raise ImageError(label, "a float array image must hold values from 0 to 1")
+        a = (a * 255.0).round().astype(np.uint8)
+    elif a.dtype.kind in "iu" and a.dtype != np.uint8:
+        if a.min() < 0 or a.max() > 255:
+            raise ImageError(
+                label, f"an integer array image must hold values from 0 to 255 ({a.dtype} given)"
+            )
+        a = a.astype(np.uint8)
+    elif a.dtype != np.uint8:
+        raise ImageError(label, f"an array image must hold uint8 or floats from 0 to 1, not {a.dtype}")
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
+MAX_DOWNLOAD = 64 * 1024 * 1024  # bytes: no photo is larger
+
+
+def download(url: str, timeout: float = 30.0) -> bytes:
+    """The bytes at an http(s) URL, or an ImageError that says why not (a machine without the internet
+    gets that said plainly). For the Python API; nothing that serves requests fetches URLs."""
+    import urllib.error
+    import urllib.request
+
+    from captioner import __version__
+
+    request = urllib.request.Request(url, headers={"User-Agent": f"captioner/{__version__}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            data = response.read(MAX_DOWNLOAD + 1)
+    except urllib.error.HTTPError as e:
+        raise ImageError(url, f"download failed (HTTP {e.code} {e.reason})") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise ImageError(url, f"cannot download ({reason}); is this machine online?") from None
+    if len(data) > MAX_DOWNLOAD:
+        raise ImageError(url, f"download is larger than {MAX_DOWNLOAD // 2**20} MB")
+    return data
 
 
 def _read(source: str | os.PathLike | bytes | BinaryIO, name: str | None) -> tuple[str, bytes]:
@@ -101,7 +236,19 @@ def _read(source: str | os.PathLike | bytes | BinaryIO, name: str | None) -> tup
             raise ImageError(label, "file not found") from None
         except OSError as e:
             raise ImageError(label, f"cannot read file ({e.strerror or e})") from None
-    return name or str(getattr(source, "name", "<stream>")), source.read()
+    read = getattr(source, "read", None)
+    if not callable(read):
+        raise ImageError(
+            name or f"<{type(source).__name__}>",
+            f"cannot read an image from a {type(source).__name__} (give a path, an http(s) URL, bytes, a "
+            "binary file object, a PIL image or a numpy array)",
+        )
+    data = read()
+    if isinstance(data, str):
+        raise ImageError(
+            name or str(getattr(source, "name", "<stream>")), "a text stream: open the file in 'rb' mode"
+        )
+    return name or str(getattr(source, "name", "<stream>")), data
 
 
 def _upright(img: Image.Image) -> Image.Image:
@@ -260,9 +407,7 @@ def _eval_transform(pre: Preprocess) -> Compose:
     return build_transform(pre, train=False)
 
 
-def image_tensor(
-    source: str | os.PathLike | bytes | BinaryIO, pre: Preprocess, *, name: str | None = None
-) -> torch.Tensor:
+def image_tensor(source: ImageSource, pre: Preprocess, *, name: str | None = None) -> torch.Tensor:
     """load_image + the eval transform: exactly the [3, size, size] tensor an encoder sees for this image."""
     return _eval_transform(pre)(load_image(source, name=name, min_side=decode_side(pre)))
 

@@ -18,12 +18,24 @@ import torch
 from captioner.errors import CaptionerError
 from captioner.generation import GenerationOptions
 from captioner.images import Preprocess, load_batches
-from captioner.model import Caption, Captioner
+from captioner.model import Caption, Captioner, is_onnx_export
 
 if TYPE_CHECKING:
     from captioner.distributed import Dist
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".heic",
+    ".heif",
+    ".avif",
+}
 
 
 class _Encoder(Protocol):
@@ -89,7 +101,7 @@ def caption_paths(
     options: GenerationOptions | None = None,
     batch_size: int = 16,
     fmt: str = "text",
-    runtime: str = "torch",
+    runtime: str = "auto",
     device: str = "cpu",
     out: str | Path | None = None,
 ) -> int:
@@ -106,12 +118,13 @@ def caption_paths(
     if not paths:
         print("captioner: error: no images found in " + ", ".join(inputs), file=sys.stderr)
         return 1
-    if runtime == "onnx":
+    if runtime == "onnx" or (runtime == "auto" and is_onnx_export(model)):
         from captioner.onnx import OnnxCaptioner
 
         captioner: CaptionModel = OnnxCaptioner.from_pretrained(model)
     else:
-        captioner = Captioner.from_pretrained(model, device=str(distributed.device(device, d)))
+        device = str(distributed.device(device, d))
+        captioner = Captioner.from_pretrained(model, device=device, runtime="torch")
     options = options or GenerationOptions()
     if out is not None:
         try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,13 +20,43 @@ from captioner.errors import DataError
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
 
-def tokenize(captions: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
-    """PTB-tokenize {id: [caption, ...]} with pycocoevalcap's tokenizer (runs Java)."""
+JAVA_MISSING = (
+    "Java was not found: the coco-caption tools (the PTB tokenizer, METEOR) run in Java; install it, e.g. "
+    "`apt-get install openjdk-17-jre-headless` (Debian, Ubuntu) or `brew install openjdk@17` (macOS)"
+)
+
+
+def have_java() -> bool:
+    return shutil.which("java") is not None
+
+
+def tokenize(captions: Mapping[str, Sequence[str]], *, java: bool | None = None) -> dict[str, list[str]]:
+    """PTB-tokenize {id: [caption, ...]} into {id: ["a dog runs", ...]}: with pycocoevalcap's tokenizer
+    (Java) when `java` (default: when Java is installed), else with `ptb_tokens`, its Python twin."""
+    if java is None:
+        java = have_java()
+    if not java:
+        return {k: [" ".join(ptb_tokens(c)) for c in v] for k, v in captions.items()}
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     data = {k: [{"caption": c} for c in v] for k, v in captions.items()}
     with contextlib.redirect_stdout(io.StringIO()), _java_stderr_silenced():
         return PTBTokenizer().tokenize(data)
+
+
+# What pycocoevalcap's PTBTokenizer removes after Stanford's tokenizer has split the text (brackets
+# arrive as -LRB- and the like, removed too).
+_PTB_PUNCTUATION = set("'`.?!,:-;(){}\"") | {"''", "``", "--", "..."}
+_CLITIC = re.compile(r"(?<=[a-z0-9])(n't|'s|'re|'ve|'ll|'d|'m)\b")
+_PTB_TOKEN = re.compile(r"n't|'[a-z]+|[a-z0-9]+(?:[-./&'][a-z0-9]+)*|\.\.\.|--|[^\sa-z0-9]")
+
+
+def ptb_tokens(caption: str) -> list[str]:
+    """Stanford's PTB tokenizer as pycocoevalcap runs it (lower-cased, punctuation removed), in Python:
+    "A dog's ball, black-and-white." -> ["a", "dog", "'s", "ball", "black-and-white"]. For validation
+    during training on a machine without Java; tests/test_metrics.py holds it to the Java tokenizer."""
+    text = _CLITIC.sub(r" \1", caption.lower().replace("\u2019", "'"))
+    return [t for t in _PTB_TOKEN.findall(text) if t not in _PTB_PUNCTUATION]
 
 
 @contextlib.contextmanager
@@ -65,10 +97,13 @@ class CaptionScorer:
     """Scores many sets of candidates against fixed references, tokenizing the references only once
     (validation scores the same split every epoch)."""
 
-    def __init__(self, references: Mapping[str, Sequence[str]]):
+    def __init__(self, references: Mapping[str, Sequence[str]], *, java: bool | None = None):
+        """`java`: tokenize with the Java PTB tokenizer (True), its Python twin (False) or the first when
+        Java is installed (None). METEOR and SPICE need Java whatever the tokenizer."""
         if not references:
             raise DataError("no reference captions to score against")
-        self.references = tokenize(references)
+        self.java = have_java() if java is None else java
+        self.references = tokenize(references, java=self.java)
 
     def score(
         self, candidates: Mapping[str, str], *, metrics: Sequence[str] = METRICS, spice: bool = False
@@ -79,7 +114,7 @@ class CaptionScorer:
                 f"references and candidates must cover the same images (they differ at {differ})"
             )
         refs = self.references
-        cands = tokenize({k: [v] for k, v in candidates.items()})
+        cands = tokenize({k: [v] for k, v in candidates.items()}, java=self.java)
         scores: dict[str, float | str] = {}
         wanted = set(metrics)
         if wanted & {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"}:
@@ -89,7 +124,7 @@ class CaptionScorer:
                 bleu, _ = Bleu(4).compute_score(refs, cands)
             scores.update({f"BLEU-{n + 1}": 100 * bleu[n] for n in range(4) if f"BLEU-{n + 1}" in wanted})
         if "METEOR" in wanted:
-            scores["METEOR"] = 100 * _meteor(refs, cands)
+            scores["METEOR"] = 100 * _meteor(refs, cands) if have_java() else f"unavailable: {JAVA_MISSING}"
         if "ROUGE-L" in wanted:
             from pycocoevalcap.rouge.rouge import Rouge
 
@@ -121,3 +156,23 @@ def format_scores(scores: Mapping[str, float | str]) -> str:
     return "\n".join(
         f"{k:<{width}}  {v:6.2f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in scores.items()
     )
+
+
+def format_table(columns: Mapping[str, Mapping[str, float | str]]) -> str:
+    """Several runs' scores side by side: a row per metric, a column per run (e.g. "beam 1", "beam 3");
+    a score one run lacks or could not compute (SPICE) is shown as "-", with the reason below once."""
+    names = list(columns)
+    metrics = list(dict.fromkeys(k for scores in columns.values() for k in scores))
+    width = max(len(k) for k in metrics)
+    cell = max(8, *(len(n) for n in names))
+    lines = [" " * width + "".join(f"  {n:>{cell}}" for n in names)]
+    notes = {}
+    for k in metrics:
+        values = [columns[n].get(k) for n in names]
+        if all(isinstance(v, int | float) for v in values):
+            lines.append(f"{k:<{width}}" + "".join(f"  {v:>{cell}.2f}" for v in values))
+        else:
+            lines.append(f"{k:<{width}}" + "".join(f"  {'-':>{cell}}" for _ in values))
+            notes[k] = next((v for v in values if isinstance(v, str)), "")
+    lines += [f"{k}: {v}" for k, v in notes.items() if v]
+    return "\n".join(lines)

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 import torch
 from torch import nn
@@ -35,11 +35,11 @@ from captioner.config import DecoderConfig
 from captioner.decoders import create_decoder
 from captioner.decoding import Hypothesis, WholePhrases, WithoutWords, beam_search, greedy, sample
 from captioner.encoders import Encoder, create_encoder
-from captioner.errors import CheckpointError
+from captioner.errors import CheckpointError, ConfigError
 from captioner.generation import GenerationOptions
 from captioner.grounding import Grounded, GroundingPlan, GroundingSettings
-from captioner.images import Preprocess, image_tensor
-from captioner.labels import Label, label_head
+from captioner.images import ImageSource, Preprocess, download, image_tensor
+from captioner.labels import Label, LabelHead, label_head
 from captioner.vocab import Vocabulary
 
 __all__ = ["Caption", "Captioner", "CheckpointError", "FORMAT_VERSION", "resolve_model"]
@@ -101,6 +101,16 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
         f"{name}: not a checkpoint directory (no {CONFIG_FILE}) nor a bundled model "
         f"({', '.join(bundled) or 'none installed'})"
     )
+
+
+def is_onnx_export(name_or_path: str | os.PathLike | Sequence[str | os.PathLike] | None) -> bool:
+    """Whether a model (the first, of a list) is a directory made by `captioner export`."""
+    if not isinstance(name_or_path, str | os.PathLike | None):
+        name_or_path = next(iter(name_or_path), None)
+    try:
+        return CheckpointConfig.read(resolve_model(name_or_path)).onnx is not None
+    except CheckpointError:
+        return False
 
 
 class Captioner(nn.Module):
@@ -204,20 +214,42 @@ class Captioner(nn.Module):
         *,
         device: str | torch.device = "cpu",
         resize: str | None = None,
+        runtime: str = "auto",
     ) -> Captioner:
         """Load a checkpoint directory, or a bundled model by name (default: the bundled Flickr8k model),
         onto `device` ("auto": the GPU when there is one). `resize` ("squash" or "crop") overrides how
         photos are made square, to measure what that costs.
 
+        A directory made by `captioner export` gives an `OnnxCaptioner` (onnxruntime, on the CPU), which
+        captions as a Captioner does (`caption`, `caption_tensors`, `generate`); `runtime="torch"` refuses
+        one instead, for callers that need the PyTorch modules (training, evaluation, serving).
+
         A list of two or more loads an ensemble (`captioner.ensemble`): one encoder pass, the decoders'
         log-probabilities averaged at every step, the first member's decoding defaults."""
+        if runtime not in ("auto", "torch"):
+            raise ConfigError(f"runtime must be 'auto' or 'torch', not {runtime!r}")
+        names = None
         if not isinstance(name_or_path, str | os.PathLike | None):
             names = list(name_or_path)
-            if len(names) > 1:
-                return cls._ensemble([cls.from_pretrained(n, device=device, resize=resize) for n in names])
             name_or_path = names[0] if names else None
         path = resolve_model(name_or_path)
         config = CheckpointConfig.read(path)
+        if config.onnx is not None:  # an export: onnxruntime runs it
+            if runtime == "torch":
+                raise CheckpointError(
+                    f"{path}: an ONNX export (`captioner export`), which this needs in PyTorch: give the "
+                    "checkpoint directory it was exported from"
+                )
+            if str(device).startswith("cuda") or resize is not None:
+                raise CheckpointError(
+                    f"{path}: an ONNX export runs on the CPU, with the preprocessing it was exported with"
+                )
+            from captioner.onnx import OnnxCaptioner
+
+            return cast(Captioner, OnnxCaptioner.from_pretrained(names if names else path))
+        if names is not None and len(names) > 1:
+            members = [cls.from_pretrained(n, device=device, resize=resize, runtime="torch") for n in names]
+            return cls._ensemble(members)
         model = cls.build(
             config.encoder.name,
             config.decoder,
@@ -267,26 +299,34 @@ class Captioner(nn.Module):
         word_probs: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> list[list[Hypothesis]]:
-        """Decode captions from features: beam search, greedy (beam_size=1) or sampling (temperature).
+        """Decode captions from features: beam search, greedy (beam_size=1) or sampling (temperature:
+        n_best samples an image, the most probable first). A hypothesis's score is its log-probability
+        after the length penalty in beam search (what the beams ranked by), a sample's plain one.
         `options` (or keyword arguments naming its fields) override the model's stored defaults;
         `word_probs` is the label head's output for `pooled`, where the caller has it already."""
         o = GenerationOptions.of(options, **kwargs).over(self.generation)
         v = self.vocab
         ids = {"start_id": v.start_id, "end_id": v.end_id, "max_length": o.max_length or v.max_length}
+        beam_size, n_best = o.value("beam_size"), o.value("n_best")
+        grounded = o.value("grounding") and self.label_head is not None
+        if grounded and word_probs is None:
+            word_probs = cast(LabelHead, self.label_head)(pooled)
+        samples = n_best if o.temperature is not None else 1
+        if samples > 1:  # n samples of each image: its rows n times over, side by side
+            rows = torch.arange(pooled.shape[0], device=pooled.device).repeat_interleave(samples)
+            pooled, grid = pooled[rows], grid[rows]
+            word_probs = word_probs[rows] if word_probs is not None else None
         decoder: Any = self.decoder  # the nn.Module, or it wrapped (any object with init_state and step)
-        if o.value("grounding") and self.label_head is not None:
-            probs = self.label_head(pooled) if word_probs is None else word_probs
-            decoder = Grounded(decoder, self.grounding_plan(), probs)
+        if grounded and word_probs is not None:
+            decoder = Grounded(decoder, self.grounding_plan(), word_probs)
         decoder = WithoutWords(decoder, [v.pad_id, v.start_id, v.unk_id])
         if o.value("whole_phrases"):
             decoder = WholePhrases(decoder, v.words, v.end_id, max_length=ids["max_length"])
-        beam_size, n_best = o.value("beam_size"), o.value("n_best")
-        if o.temperature is not None:
+        if o.temperature is not None:  # n samples an image, the most probable first
+            drawn = sample(decoder, pooled, grid, temperature=o.temperature, top_p=o.value("top_p"), **ids)
             return [
-                [h]
-                for h in sample(
-                    decoder, pooled, grid, temperature=o.temperature, top_p=o.value("top_p"), **ids
-                )
+                sorted(drawn[i : i + samples], key=lambda h: h.score, reverse=True)
+                for i in range(0, len(drawn), samples)
             ]
         if beam_size == 1 and n_best == 1:
             return [[h] for h in greedy(decoder, pooled, grid, **ids)]
@@ -357,16 +397,25 @@ class Captioner(nn.Module):
 
     def caption(
         self,
-        images: str | os.PathLike | Sequence[str | os.PathLike],
+        images: ImageSource | Sequence[ImageSource],
         options: GenerationOptions | None = None,
         **kwargs: Any,
     ) -> Caption | list[Caption]:
-        """Caption one image path (returns a Caption) or a list of them (returns a list)."""
-        single = isinstance(images, str | os.PathLike)
-        paths = [images] if isinstance(images, str | os.PathLike) else list(images)  # narrows for mypy
-        batch = torch.stack([image_tensor(p, self.encoder.preprocess) for p in paths])
+        """Caption one image (returns a Caption) or a list or tuple of them (returns a list). An image is a
+        path, an http(s) URL, the file's bytes, a binary file object, a PIL image or a numpy array (see
+        `captioner.images.load_image`), all through the one image pipeline."""
+        single = not isinstance(images, list | tuple)
+        sources = cast(list[ImageSource], [images] if single else list(cast(Sequence[ImageSource], images)))
+        pre = self.encoder.preprocess
+        batch = torch.stack(
+            [image_tensor(download(x), pre, name=x) if _is_url(x) else image_tensor(x, pre) for x in sources]
+        )
         results = self.caption_tensors(batch, options, **kwargs)
         return results[0] if single else results
+
+
+def _is_url(source: object) -> TypeGuard[str]:
+    return isinstance(source, str) and source.startswith(("http://", "https://"))
 
 
 def count_parameters(modules: Iterable[nn.Module]) -> int:

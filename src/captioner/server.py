@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
-from captioner.errors import ImageError
+from captioner.errors import CaptionerError, ImageError
 from captioner.generation import GenerationOptions
 from captioner.images import build_transform, decode_side, load_image
 
@@ -196,7 +197,7 @@ def create_app(
         yield
         await run_in_threadpool(batcher.close)
 
-    app = FastAPI(
+    app = FastAPIOffline(  # a FastAPI app whose /docs needs no internet
         title="captioner", summary="Caption photos and search them by their captions.", lifespan=lifespan
     )
     app.add_middleware(UploadLimit, max_bytes=max_upload_bytes)
@@ -283,11 +284,9 @@ def create_app(
         rerank: Annotated[bool, Query(description="add P(query | photo) re-ranking (slower)")] = False,
     ) -> dict:
         """The indexed photos that best match the query, best first."""
-        hits = await run_in_threadpool(need_index().search, q, top, rerank)
-        rounded = [
-            {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(h).items()} for h in hits
-        ]
-        return {"query": q, "hits": rounded}
+        found = need_index()
+        hits = await run_in_threadpool(found.search, q, top, rerank)
+        return {"query": q, "hits": await run_in_threadpool(_hits_json, found, hits)}
 
     @app.get("/api/similar")
     async def similar(
@@ -306,10 +305,7 @@ def create_app(
             hits = await run_in_threadpool(found.similar, path, top)
         except KeyError:
             raise HTTPException(404, f"{path}: not a photo in the index") from None
-        rounded = [
-            {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(h).items()} for h in hits
-        ]
-        return {"path": path, "hits": rounded}
+        return {"path": path, "hits": await run_in_threadpool(_hits_json, found, hits)}
 
     @functools.lru_cache(maxsize=512)  # ~10 KB each: a bounded few MB
     def thumbnail(path: str, mtime_ns: int) -> bytes:  # the file's mtime in the key: a changed file is redone
@@ -339,18 +335,48 @@ def create_app(
     return app
 
 
+def _hits_json(index, hits: list) -> list[dict]:
+    """Search hits as JSON: scores rounded, and each photo's `name`, its path in the indexed folder."""
+    names = index.names([h.path for h in hits])
+    return [
+        {**{k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(h).items()}, "name": name}
+        for h, name in zip(hits, names, strict=True)
+    ]
+
+
 def serve_command(args: argparse.Namespace) -> int:
     """`captioner serve`: load the model (and the index), then serve until interrupted."""
     import uvicorn
 
+    app = load_app(args)
+    print(f"captioner: serving http://{args.host}:{args.port}/ (API docs at /docs)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def load_app(args: argparse.Namespace) -> FastAPI:
+    """The app `captioner serve` serves. With --db and no --model, uploads are captioned by the model
+    that captioned the indexed photos, so the page shows one model's words."""
     from captioner.model import DEFAULT_MODEL, Captioner
 
-    captioner = Captioner.from_pretrained(args.model, device=args.device)
-    index = None
+    index, models = None, args.model
     if args.db:
-        from captioner.search import PhotoIndex, attach_embedding, attach_model
+        from captioner.search import PhotoIndex
 
         index = PhotoIndex(args.db)  # a missing file is an error, not a new empty index
+        if models is None and index.model_name():  # uploads captioned as the indexed photos were
+            models = [index.model_name()]
+    try:
+        captioner = Captioner.from_pretrained(models, device=args.device, runtime="torch")
+    except CaptionerError as e:
+        if args.model is not None:
+            raise
+        print(f"captioner: note: the index's model does not load ({e}); captioning with {DEFAULT_MODEL}")
+        models = None
+        captioner = Captioner.from_pretrained(None, device=args.device, runtime="torch")
+    if index is not None:
+        from captioner.search import attach_embedding, attach_model
+
         if not attach_model(index, loaded=captioner):
             print(
                 f"captioner: note: cannot load the model that made {args.db}; search uses its captions only"
@@ -359,14 +385,11 @@ def serve_command(args: argparse.Namespace) -> int:
             print(
                 f"captioner: note: cannot load the search embedding that made {args.db}; ranking without it"
             )
-    app = create_app(
+    return create_app(
         captioner,
         index=index,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
-        model_name=" + ".join(Path(str(m)).name for m in args.model or [DEFAULT_MODEL]),
+        model_name=" + ".join(Path(str(m)).name for m in models or [DEFAULT_MODEL]),
     )
-    print(f"captioner: serving http://{args.host}:{args.port}/ (API docs at /docs)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    return 0

@@ -70,7 +70,7 @@ def index_command(args) -> int:
     d = distributed.setup()
     name = _resolved(args.model or SEARCH_MODEL)
     device = distributed.device(getattr(args, "device", "cpu"), d)
-    captioner = Captioner.from_pretrained(name, device=str(device))
+    captioner = Captioner.from_pretrained(name, device=str(device), runtime="torch")
     if not d.main:
         distributed.barrier(d)  # rank 0 creates the index and records its models first
     try:
@@ -124,7 +124,7 @@ def attach_model(index: PhotoIndex, name: str | None = None, loaded: Captioner |
     if name is None:
         return False
     try:
-        return index.attach(Captioner.from_pretrained(name))
+        return index.attach(Captioner.from_pretrained(name, runtime="torch"))
     except (CaptionerError, OSError):
         return False
 

@@ -158,6 +158,18 @@ class PhotoIndex:
         self._joint = model if made_by is not None and made_by == joint_id(model) else None
         return self._joint is not None
 
+    def names(self, paths: list[str]) -> list[str]:
+        """Each indexed path as its owner knows it: relative to the folder it was indexed from."""
+        out = []
+        with self._lock:
+            for path in paths:
+                row = self._conn.execute("SELECT root FROM photos WHERE path = ?", (path,)).fetchone()
+                try:
+                    out.append(str(Path(path).relative_to(row[0])) if row else path)
+                except ValueError:
+                    out.append(path)
+        return out
+
     @property
     def embedding(self) -> JointEmbedding | None:
         """The attached search embedding, if any (see attach_embedding)."""

@@ -218,7 +218,7 @@ async function search(event) {
 
 // "More like this": the photos nearest to an indexed one in the search embedding's space.
 async function similar(hit) {
-  await showHits(`/api/similar?${new URLSearchParams({ path: hit.path, top: 12 })}`, `photos like ${hit.path}`);
+  await showHits(`/api/similar?${new URLSearchParams({ path: hit.path, top: 12 })}`, `photos like ${hit.name || hit.path}`);
 }
 
 async function showHits(url, what) {
@@ -251,7 +251,8 @@ async function showHits(url, what) {
     const text = document.createElement("figcaption");
     const path = document.createElement("span");
     path.className = "path";
-    path.textContent = `${hit.path} · score ${hit.score.toFixed(3)}`;
+    path.textContent = `${hit.name || hit.path} · score ${hit.score.toFixed(3)}`;
+    path.title = hit.path;
     text.append(hit.caption, path);
     if (similarOn) {
       const more = document.createElement("button");

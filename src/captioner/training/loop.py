@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -88,11 +89,25 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
             stop = train_epoch(run, progress and run.ddp.main)
             stop = end_epoch(run, stop)
         finish(run)
+        if run.ddp.main:
+            summarise(run)
     finally:
         if run.log is not None:
             run.log.close()
     distributed.cleanup(run.ddp)
     return run.out / "best"
+
+
+def summarise(run: Run) -> None:
+    """The run's last words: which epoch was best, its validation scores, where it is."""
+    best = run.out / "best"
+    try:
+        scores = json.loads((best / "val_scores.json").read_text())
+    except (OSError, ValueError):
+        return
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, int | float))
+    epoch = f"epoch {run.state.best_epoch} of {run.state.epoch}" if run.state.best_epoch else "the best epoch"
+    print(f"best: {epoch}, validation {shown}; saved in {best} (to resume or go on: {run.out / 'last'})")
 
 
 def prepare(config: Config, resume: bool) -> Run:
@@ -155,6 +170,12 @@ def prepare(config: Config, resume: bool) -> Run:
     scorer, val_features, log = None, None, None
     if ddp.main:
         scorer = CaptionScorer({str(i): list(ex.captions) for i, ex in enumerate(val_examples)})
+        if not scorer.java:
+            print(
+                "note: Java not found: validation tokenizes captions in Python (its CIDEr within 0.5 of the "
+                "PTB tokenizer's); `captioner evaluate` needs Java",
+                file=sys.stderr,
+            )
         val_features = source.features(val_examples) if store is not None else None
 
     state = RunState()
@@ -277,20 +298,21 @@ def train_epoch(run: Run, progress: bool) -> bool:
         seen, loss_sum, batches_seen = seen + len(batch), loss_sum + loss.item(), batches_seen + 1
         reward_sum += reward or 0.0
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if run.log is not None and state.global_step % tc.log_every == 0:  # mean loss since the last line
-            rate = seen / max(time.perf_counter() - started, 1e-9)
-            run.log.write(
-                "train",
-                state,
-                loss=loss_sum / batches_seen,
-                lr=run.optimizer.param_groups[0]["lr"],
-                captions_per_s=rate,
-                reward=100 * reward_sum / batches_seen if tc.scst else None,  # CIDEr-D, 0-100 like val
-            )
+        last_step = tc.max_steps and state.global_step >= tc.max_steps
+        if state.global_step % tc.log_every == 0 or last_step or state.step_in_epoch == run.steps_per_epoch:
+            if run.log is not None:  # the mean loss since the last line; an epoch always ends with one
+                run.log.write(
+                    "train",
+                    state,
+                    loss=loss_sum / batches_seen,
+                    lr=run.optimizer.param_groups[0]["lr"],
+                    captions_per_s=seen / max(time.perf_counter() - started, 1e-9),
+                    reward=100 * reward_sum / batches_seen if tc.scst else None,  # CIDEr-D, 0-100 like val
+                )
             started, seen, loss_sum, reward_sum, batches_seen = time.perf_counter(), 0, 0.0, 0.0, 0
         if tc.save_every_steps and state.global_step % tc.save_every_steps == 0:
             save(run, run.out / "last")
-        if tc.max_steps and state.global_step >= tc.max_steps:
+        if last_step:
             bar.close()
             return True
     bar.close()
@@ -316,7 +338,7 @@ def end_epoch(run: Run, stop: bool) -> bool:
     scores["CIDEr"], stop_now = distributed.broadcast([scores["CIDEr"], float(stop)], ddp)
     stop = bool(stop_now)
     if scores["CIDEr"] > state.best_cider:
-        state.best_cider, state.bad_epochs = scores["CIDEr"], 0
+        state.best_cider, state.bad_epochs, state.best_epoch = scores["CIDEr"], 0, epoch + 1
         save(run, run.out / "best", scores)
     elif finished_epoch:
         state.bad_epochs += 1

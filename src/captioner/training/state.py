@@ -26,6 +26,7 @@ class RunState:
     global_step: int = 0
     best_cider: float = -1.0
     bad_epochs: int = 0  # epochs since the best validation CIDEr
+    best_epoch: int = 0  # the epoch (from 1) whose model is OUT/best
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig):
