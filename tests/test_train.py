@@ -125,6 +125,8 @@ def test_checkpoint_round_trip_gives_the_same_captions(tiny_model, tiny_data, tm
     ]
     again = Captioner.from_pretrained(tmp_path / "copy").caption(image, beam_size=3, n_best=2)
     assert again.captions == first.captions
+    saved = load_file(tmp_path / "copy" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float16}  # inference weights: half the size
     config = json.loads((tmp_path / "copy" / "config.json").read_text())
     assert config["encoder"]["name"] == "efficientnet_lite0" and config["decoder"]["name"] == "attention"
     assert config["captioner_version"]
