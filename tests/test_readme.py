@@ -100,10 +100,11 @@ def check_caption(out: str, cwd: Path) -> None:
 
 def check_python(out: str, cwd: Path) -> None:
     lines = out.splitlines()
-    assert len(lines) == 6 and lines[0].strip() and lines[5].strip(), out
+    assert len(lines) == 8 and lines[0].strip() and lines[5].strip(), out
     for line in lines[1:4]:
         assert re.fullmatch(r" *-?\d+\.\d{3}  \S.*", line), line
     assert lines[4].startswith("[Label(label='tripod'"), lines[4]  # the encoder sees the tripod
+    assert lines[6].strip() and lines[7].startswith("[Caption(") and lines[7].count("Caption(") == 2
     assert {"config.json", "model.safetensors", "vocab.json"} <= {
         p.name for p in (cwd / "my-model").iterdir()
     }
