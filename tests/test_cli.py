@@ -65,7 +65,7 @@ def test_top_p_without_temperature_is_refused_not_ignored(tiny_model, tiny_data,
                 "caption",
                 str(tiny_data / "images" / "red_square_0.jpg"),
                 "--model",
-                tiny_model,
+                str(tiny_model),
                 "--top-p",
                 "0.9",
             ]
