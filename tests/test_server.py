@@ -314,6 +314,40 @@ def test_photo_serves_only_indexed_paths(search_client, tiny_data):
     assert search_client.get("/api/photo", params={"path": str(inside), "size": "huge"}).status_code == 422
 
 
+def test_photo_serves_only_captioned_unchanged_image_files(model, tiny_data, tmp_path):
+    import os
+    import shutil
+
+    from captioner.search import PhotoIndex
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("red_square_0.jpg", "blue_circle_1.jpg"):
+        shutil.copy(tiny_data / "images" / name, folder / name)
+    (folder / "notes.jpg").write_text("a text file named like a photo")  # captioning it fails
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the web")
+    index = PhotoIndex(tmp_path / "photos.sqlite", create=True)
+    index.update(folder, model, progress=False)
+    st = secret.stat()  # a row that says "captioned" for a hard link to a file that is not an image
+    os.link(secret, folder / "linked.jpg")
+    index._store(
+        str(folder / "linked.jpg"), st.st_size, st.st_mtime, {"caption": "x", "captions": []}, str(folder)
+    )
+    with TestClient(create_app(model, index=index)) as c:
+
+        def full(name):
+            return c.get("/api/photo", params={"path": str(folder / name), "size": "full"})
+
+        assert full("red_square_0.jpg").content == (folder / "red_square_0.jpg").read_bytes()
+        assert full("red_square_0.jpg").headers["content-type"] == "image/jpeg"
+        assert full("notes.jpg").status_code == 404  # its captioning failed: never served
+        assert full("linked.jpg").status_code == 404 and "not an image" in full("linked.jpg").json()["detail"]
+        (folder / "blue_circle_1.jpg").write_bytes(secret.read_bytes())  # replaced after indexing
+        r = full("blue_circle_1.jpg")
+        assert r.status_code == 404 and "changed since it was indexed" in r.json()["detail"]
+
+
 def test_similar_photos_need_an_index_with_a_search_embedding(
     model, search_client, tiny_model, tiny_embedding, tiny_data, tmp_path
 ):

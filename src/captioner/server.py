@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import functools
 import io
-import mimetypes
 import queue
 import threading
 import time
@@ -27,6 +26,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from captioner.errors import CaptionerError, ImageError
@@ -322,10 +322,19 @@ def create_app(
         if row is None:
             raise HTTPException(404, f"{path}: not a photo in the index")
         found = Path(row["path"])
-        if not found.is_file():
-            raise HTTPException(404, f"{path}: indexed, but the file is no longer there")
+        try:
+            st = found.stat()
+        except OSError:
+            raise HTTPException(404, f"{path}: indexed, but the file is no longer there") from None
+        if not found.is_file() or st.st_size != row["size"] or abs(st.st_mtime - row["mtime"]) > 1e-3:
+            raise HTTPException(
+                404, f"{path}: the file has changed since it was indexed (re-index the folder)"
+            )
         if size == "full":
-            return FileResponse(found, media_type=mimetypes.guess_type(found.name)[0] or "image/jpeg")
+            kind = await run_in_threadpool(_image_format, found)
+            if kind is None:
+                raise HTTPException(404, f"{path}: not an image file")
+            return FileResponse(found, media_type=Image.MIME.get(kind, "application/octet-stream"))
         try:
             data = await run_in_threadpool(thumbnail, str(found), found.stat().st_mtime_ns)
         except ImageError as e:
@@ -333,6 +342,17 @@ def create_app(
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     return app
+
+
+def _image_format(path: Path) -> str | None:
+    """The format of an image file, from its header (Pillow's allow-listed decoders), or None."""
+    from captioner.images import _plugins
+
+    try:
+        with Image.open(path, formats=sorted(_plugins())) as img:
+            return img.format
+    except Exception:
+        return None
 
 
 def _hits_json(index, hits: list) -> list[dict]:

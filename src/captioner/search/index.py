@@ -627,8 +627,9 @@ class PhotoIndex:
         return {rowid: rank for rank, (rowid,) in enumerate(rows, 1)}
 
     def lookup(self, path: str) -> dict | None:
-        """The stored row of exactly this indexed path, else None; also None if the file now resolves
-        outside the folder it was indexed from (e.g. replaced by a link), so a server serves only photos."""
+        """The stored row of exactly this indexed path if it was captioned, else None; also None if the
+        file now resolves outside the folder it was indexed from (e.g. replaced by a link), so a server
+        serves only photos."""
         if ".." in Path(path).parts:
             return None
         with self._lock:
@@ -636,7 +637,7 @@ class PhotoIndex:
                 "SELECT root, path, size, mtime, caption, captions, error FROM photos WHERE path = ?",
                 (str(path),),
             ).fetchone()
-        if row is None or not _inside(row[1], row[0]):
+        if row is None or row[6] is not None or not _inside(row[1], row[0]):  # row[6]: why captioning failed
             return None
         found = dict(zip(("path", "size", "mtime", "caption", "captions", "error"), row[1:], strict=True))
         return {**found, "captions": json.loads(found["captions"] or "[]")}
