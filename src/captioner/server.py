@@ -319,7 +319,7 @@ def create_app(
     async def photo(path: str, size: Literal["thumb", "full"] = "thumb") -> Response:
         """A photo of the index, only if this exact path is in it: the index decides, not the filesystem."""
         row = await run_in_threadpool(need_index().lookup, path)
-        if row is None:
+        if row is None or row["error"] is not None:  # only what was captioned: a failed row is no photo
             raise HTTPException(404, f"{path}: not a photo in the index")
         found = Path(row["path"])
         try:
