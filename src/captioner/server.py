@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import functools
 import io
 import queue
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 STATIC = Path(__file__).parent / "static"
 MAX_BEAM = 10
 THUMB_SIDE = 256
+UPLOAD_MAX_PIXELS = 50_000_000  # a 48-megapixel phone photo; larger uploads are scans or bombs
+DECODES = 2  # uploads decoded at once: the rest wait, so memory is bounded by this, not by the clients
 FORM_SLACK = 64 * 1024  # room for the multipart headers and small form fields around the file itself
 
 
@@ -204,8 +207,16 @@ def create_app(
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.state.batcher = batcher
 
+    decoding = threading.BoundedSemaphore(DECODES)
+
     def prepare(data: bytes, filename: str) -> torch.Tensor:
-        return transform(load_image(data, name=filename, min_side=decode_side(pre)))
+        with decoding:  # a few at a time: each big PNG costs hundreds of MB while it is decoded
+            image = load_image(data, name=filename, min_side=decode_side(pre), max_pixels=UPLOAD_MAX_PIXELS)
+            tensor = transform(image)
+            if image.width * image.height > 16_000_000:
+                del image
+                _give_back_memory()
+        return tensor
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -342,6 +353,14 @@ def create_app(
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     return app
+
+
+def _give_back_memory() -> None:
+    """Return freed heap to the system (glibc keeps it otherwise: a burst of big decodes stayed held)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _image_format(path: Path) -> str | None:
