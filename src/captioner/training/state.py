@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from captioner.config import TrainConfig
-from captioner.errors import ConfigError
+from captioner.errors import CheckpointError, ConfigError
 
 STATE_FILE = "training_state.pt"
 
@@ -68,7 +68,12 @@ def save_state(file: Path, state: RunState, optimizer, scheduler) -> None:
 
 def load_state(file: Path, optimizer, scheduler) -> RunState:
     """Restore the optimiser (its tensors follow the parameters' device), schedule and RNGs."""
-    saved = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # empty, truncated, or not a training state
+        raise CheckpointError(
+            f"{file}: not a readable training state ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     optimizer.load_state_dict(saved["optimizer"])
     if scheduler is not None and saved["scheduler"] is not None:
         scheduler.load_state_dict(saved["scheduler"])
