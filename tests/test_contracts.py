@@ -214,3 +214,41 @@ def test_data_split_command_and_a_training_run_save_the_split(tiny_data, tiny_fe
     config = tiny_config(tiny_data, tiny_features, tmp_path / "run", "merge", epochs=1, max_steps=1)
     train(config, progress=False)
     assert json.loads((tmp_path / "run" / SPLIT_FILE).read_text())["test"] == saved["test"]
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "message"),
+    [
+        ("model.safetensors", b"", "model.safetensors: not a readable safetensors file"),
+        ("model.safetensors", b'\x08\x00\x00\x00\x00\x00\x00\x00{"a":', "not a readable safetensors file"),
+        ("model.safetensors", None, "model.safetensors: missing"),
+        ("vocab.json", b"{not json", "vocab.json: not a vocabulary file"),
+        ("vocab.json", b"[1, 2]", "vocab.json: not a vocabulary file"),
+        ("config.json", b"[]", "config.json: expected a JSON object, got list"),
+    ],
+)
+def test_a_damaged_checkpoint_file_is_named_in_one_line(tmp_path, file, content, message):
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(BUNDLED_DIR / "flickr8k", copy)
+    if content is None:
+        (copy / file).unlink()
+    else:
+        (copy / file).write_bytes(content)
+    with pytest.raises(CheckpointError, match=message) as caught:
+        Captioner.from_pretrained(copy)
+    assert "\n" not in str(caught.value)
+
+
+def test_weights_of_another_vocabulary_are_refused_in_one_line(tmp_path):
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(BUNDLED_DIR / "flickr8k", copy)
+    vocab = json.loads((copy / "vocab.json").read_text())
+    vocab["words"] = vocab["words"][:-10]  # a vocabulary of other data: ten words fewer than the weights
+    (copy / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(CheckpointError, match="the weights do not fit .*different checkpoints") as caught:
+        Captioner.from_pretrained(copy)
+    assert "\n" not in str(caught.value)

@@ -60,6 +60,24 @@ def test_resume_encodes_only_what_is_left(tiny_data, encoder, tmp_path):
     np.testing.assert_array_equal(np.load(out / "grid.npy"), complete)
 
 
+@pytest.mark.parametrize("name", ["grid.npy", "pooled.npy", "done.npy"])
+def test_a_cut_short_cache_is_refused_not_extended_with_zeros(tiny_data, encoder, tmp_path, name):
+    paths, keys = _inputs(tiny_data)
+    out = tmp_path / "cache"
+    extract_features(paths, keys, encoder, out, batch_size=4, num_workers=0, progress=False)
+    file = out / name
+    size = file.stat().st_size
+    with open(file, "r+b") as f:
+        f.truncate(size - (size - 128) // 2)  # half its data gone, as a copy cut short leaves it
+    for attempt in (
+        lambda: extract_features(paths, keys, encoder, out, batch_size=4, num_workers=0, progress=False),
+        lambda: FeatureStore.open(out),
+    ):
+        with pytest.raises(FeatureCacheError, match=rf"{name}: .* bytes .* the cache is damaged"):
+            attempt()
+    assert file.stat().st_size < size  # left as it was found: nothing zero-filled
+
+
 def test_bad_image_is_one_error_row(tiny_data, encoder, tmp_path):
     paths, keys = _inputs(tiny_data)
     bad = tmp_path / "truncated.jpg"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -366,3 +367,21 @@ def test_a_heic_without_its_plugin_says_what_to_install(monkeypatch: pytest.Monk
         ImageError, match=r"rotate6.heic: a HEIC image, which needs `pip install pillow-heif`"
     ):
         load_image(FIXTURES / "rotate6.heic")
+
+
+def test_pipes_devices_and_huge_files_are_refused_before_reading(tmp_path: Path) -> None:
+    from captioner import images
+
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)  # nothing will ever write to it: reading would wait forever
+    with pytest.raises(ImageError, match=r"photo.jpg: not a regular file"):
+        load_image(fifo)
+    with pytest.raises(ImageError, match=r"/dev/zero: not a regular file"):
+        load_image("/dev/zero")  # would read until the memory runs out
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as f:
+        f.truncate(images.MAX_FILE_BYTES + 1)
+    with pytest.raises(ImageError, match=r"huge.jpg: file is too large"):
+        load_image(huge)
+    with pytest.raises(ImageError, match="is a directory"):
+        load_image(tmp_path)

@@ -84,6 +84,32 @@ MARKED = [block for block in BLOCKS if block.marked]
 RESULTS: dict[int, str] = {}  # stdout of the marked blocks run so far, by index
 
 
+def shown_output(block: Block) -> Block | None:
+    """The ```text block right after a marked block (blank lines between): what the README says it prints."""
+    after = BLOCKS[BLOCKS.index(block) + 1] if BLOCKS.index(block) + 1 < len(BLOCKS) else None
+    end = block.line + block.code.count("\n") + 1  # the closing fence
+    lines = README.read_text(encoding="utf-8").splitlines()
+    if after is None or after.lang != "text" or any(line.strip() for line in lines[end : after.line - 1]):
+        return None
+    return after
+
+
+def output_pattern(line: str) -> re.Pattern:
+    """A line of shown output as a pattern: "..." stands for anything, any number for any number (scores
+    move with float rounding), and whitespace for whitespace; the words must be the program's."""
+    parts = re.split(r"(\.\.\.|-?\d+(?:\.\d+)?|\s+)", line.strip())
+    wild = {"...": ".*"}
+    return re.compile(
+        "".join(
+            wild.get(part)
+            or (r"-?\d+(?:\.\d+)?" if re.fullmatch(r"-?\d+(?:\.\d+)?", part) else None)
+            or (r"\s+" if part.isspace() else re.escape(part))
+            for part in parts
+            if part
+        )
+    )
+
+
 # ---------------------------------------------------------------------------------------------------
 # Checks of what the blocks print or write, keyed by a command that appears in exactly one marked block
 
@@ -273,3 +299,11 @@ def test_readme_block(index, workspace):
     for command, check in CHECKS.items():
         if command in block.code:
             check(result.stdout, workspace)
+    shown = shown_output(block)
+    for line in shown.code.splitlines() if shown is not None else []:
+        if line.strip() in ("", "...") or line.startswith("$ "):  # a gap, or the command that printed it
+            continue
+        assert output_pattern(line).search(result.stdout), (
+            f"README.md:{shown.line}: the output shown there has a line the command no longer prints:\n"
+            f"{line}\n--- it printed\n{result.stdout[-3000:]}"
+        )

@@ -426,3 +426,44 @@ def test_the_sentence_model_in_onnxruntime_embeds_as_sentence_transformers_does(
     np.testing.assert_allclose(embedder._fast().encode(texts), want, atol=1e-5)
     monkeypatch.setenv("CAPTIONER_TEXT_RUNTIME", "torch")
     assert embedder._fast() is None
+
+
+def test_two_index_runs_on_one_new_database_share_it(tiny_model, tiny_data, tmp_path):
+    import subprocess
+    import sys
+
+    folder, db = tmp_path / "photos", tmp_path / "photos.sqlite"
+    folder.mkdir()
+    names = sorted(p.name for p in (tiny_data / "images").glob("*.jpg"))[:6]
+    for name in names:
+        shutil.copy(tiny_data / "images" / name, folder / name)
+    command = [
+        sys.executable,
+        "-m",
+        "captioner.cli",
+        "index",
+        str(folder),
+        "--db",
+        str(db),
+        "--model",
+        str(tiny_model),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    outs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outs]
+    added = [int(out.split(" added")[0].rsplit(" ", 1)[-1]) for out, _ in outs]
+    assert sorted(added) == [0, 6]  # one captioned them all, the other waited and found nothing to do
+    with PhotoIndex(db) as photos:
+        assert len(photos) == 6
+
+
+def test_a_database_whose_creation_was_killed_before_its_metadata_is_usable(tmp_path):
+    db = tmp_path / "photos.sqlite"
+    with sqlite3.connect(db) as c:  # the tables, and no metadata: where a kill could leave older versions
+        c.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    with PhotoIndex(db, create=True) as photos:
+        assert len(photos) == 0 and photos._meta("schema_version") == str(SCHEMA_VERSION)

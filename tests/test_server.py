@@ -219,6 +219,41 @@ def test_memory_stays_flat_under_repeated_requests(client, tiny_data):
     assert growth < 25, f"RSS grew by {growth:.1f} MB over 60 requests"
 
 
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc to measure memory")
+def test_sixteen_huge_uploads_at_once_keep_memory_bounded_and_the_server_answering(client):
+    import io as io_
+
+    from PIL import Image
+
+    def png(side):
+        buf = io_.BytesIO()
+        Image.new("RGB", (side, side)).save(buf, "PNG")  # a few hundred KB that decode to 150 MB and more
+        return buf.getvalue()
+
+    big, bomb = png(7000), png(8000)  # 49 megapixels, under the upload limit; 64, over it
+    r = post(client, bomb, name="bomb.png")
+    assert r.status_code == 422 and "too large" in r.json()["detail"]
+    before, peak, done = rss_mb(), [0.0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mb())
+            done.wait(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    with ThreadPoolExecutor(16) as pool:
+        answers = [pool.submit(post, client, big, name=f"big{i}.png") for i in range(16)]
+        assert client.get("/healthz").status_code == 200  # still answering during the burst
+        codes = [a.result().status_code for a in answers]
+    done.set()
+    watcher.join()
+    assert codes == [200] * 16
+    # two decodes at a time, each about 450 MB at its peak (decoded, converted, turned upright)
+    assert peak[0] - before < 1500, f"RSS rose {peak[0] - before:.0f} MB for 16 concurrent 49-MP uploads"
+    assert rss_mb() - before < 400, "the memory of the burst stayed held"
+
+
 # --- search: needs captioner.search (PhotoIndex) ---
 
 
@@ -312,6 +347,40 @@ def test_photo_serves_only_indexed_paths(search_client, tiny_data):
         assert r.status_code == 404, path
         assert "not a photo in the index" in r.json()["detail"]
     assert search_client.get("/api/photo", params={"path": str(inside), "size": "huge"}).status_code == 422
+
+
+def test_photo_serves_only_captioned_unchanged_image_files(model, tiny_data, tmp_path):
+    import os
+    import shutil
+
+    from captioner.search import PhotoIndex
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("red_square_0.jpg", "blue_circle_1.jpg"):
+        shutil.copy(tiny_data / "images" / name, folder / name)
+    (folder / "notes.jpg").write_text("a text file named like a photo")  # captioning it fails
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the web")
+    index = PhotoIndex(tmp_path / "photos.sqlite", create=True)
+    index.update(folder, model, progress=False)
+    st = secret.stat()  # a row that says "captioned" for a hard link to a file that is not an image
+    os.link(secret, folder / "linked.jpg")
+    index._store(
+        str(folder / "linked.jpg"), st.st_size, st.st_mtime, {"caption": "x", "captions": []}, str(folder)
+    )
+    with TestClient(create_app(model, index=index)) as c:
+
+        def full(name):
+            return c.get("/api/photo", params={"path": str(folder / name), "size": "full"})
+
+        assert full("red_square_0.jpg").content == (folder / "red_square_0.jpg").read_bytes()
+        assert full("red_square_0.jpg").headers["content-type"] == "image/jpeg"
+        assert full("notes.jpg").status_code == 404  # its captioning failed: never served
+        assert full("linked.jpg").status_code == 404 and "not an image" in full("linked.jpg").json()["detail"]
+        (folder / "blue_circle_1.jpg").write_bytes(secret.read_bytes())  # replaced after indexing
+        r = full("blue_circle_1.jpg")
+        assert r.status_code == 404 and "changed since it was indexed" in r.json()["detail"]
 
 
 def test_similar_photos_need_an_index_with_a_search_embedding(

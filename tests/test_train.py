@@ -52,6 +52,60 @@ def test_a_short_run_logs_its_loss_and_says_which_epoch_was_best(tiny_data, tiny
     assert json.loads((tmp_path / "best" / "val_scores.json").read_text())["CIDEr"] >= 0
 
 
+def test_resume_finds_the_whole_checkpoint_an_interrupted_save_left(
+    tiny_data, tiny_features, tmp_path, capsys
+):
+    import os
+    import shutil
+
+    from captioner.errors import TrainingRunError
+
+    train(tiny_config(tiny_data, tiny_features, tmp_path, "merge", epochs=2), progress=False)
+    best_scores = (tmp_path / "best" / "val_scores.json").read_text()
+    # killed between the save's two renames: last/ is gone, .last.old is the only whole copy
+    os.replace(tmp_path / "last", tmp_path / ".last.old")
+    (tmp_path / ".best.k1ll3d").mkdir()  # and a temporary folder a killed save of best/ left
+    capsys.readouterr()
+    train(tiny_config(tiny_data, tiny_features, tmp_path, "merge", epochs=3), resume=True, progress=False)
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "recovered from .last.old" in out and "epoch 3, step 0" in out
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # leftovers gone
+    assert [r["epoch"] for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r["kind"] == "val"] == [
+        "1",
+        "2",
+        "3",
+    ]
+    if (
+        json.loads(best_scores)["CIDEr"]
+        >= json.loads((tmp_path / "best" / "val_scores.json").read_text())["CIDEr"]
+    ):
+        assert (tmp_path / "best" / "val_scores.json").read_text() == best_scores  # not an epoch-1 model
+
+    # a run whose last/ cannot be resumed is refused, not restarted over its best/
+    (tmp_path / "last" / "training_state.pt").write_bytes(b"")
+    with pytest.raises(TrainingRunError, match="none to resume from .*refusing to start over"):
+        train(tiny_config(tiny_data, tiny_features, tmp_path, "merge", epochs=4), resume=True, progress=False)
+    shutil.rmtree(tmp_path / "last")
+    with pytest.raises(TrainingRunError, match="refusing to start over"):
+        train(tiny_config(tiny_data, tiny_features, tmp_path, "merge", epochs=4), resume=True, progress=False)
+
+
+def test_resume_of_an_early_stopped_run_says_so_and_trains_nothing(
+    tiny_data, tiny_features, tmp_path, capsys
+):
+    config = tiny_config(tiny_data, tiny_features, tmp_path, "merge", epochs=2)
+    train(config, progress=False)
+    state_file = tmp_path / "last" / "training_state.pt"
+    saved = torch.load(state_file, weights_only=True)
+    saved["state"]["bad_epochs"] = config.train.patience  # as early stopping leaves it
+    torch.save(saved, state_file)
+    capsys.readouterr()
+    train(tiny_config(tiny_data, tiny_features, tmp_path, "merge", epochs=5), resume=True, progress=False)
+    out = capsys.readouterr().out
+    assert "nothing to resume" in out and "stopped early after epoch 2" in out
+    assert torch.load(state_file, weights_only=True)["state"]["epoch"] == 2  # no epoch trained
+
+
 def test_refuses_to_overwrite_a_run_without_resume(tiny_data, tiny_features, tmp_path):
     config = tiny_config(tiny_data, tiny_features, tmp_path, "merge", epochs=1, max_steps=1)
     train(config, progress=False)

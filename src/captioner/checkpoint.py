@@ -192,7 +192,9 @@ def _onnx(data: Any, where: str) -> OnnxSection:
 @contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty folder beside `target`; when the block ends without an error, the folder replaces
-    `target` (at every moment one complete version is on disk); after an error it is removed."""
+    `target` (at every moment one complete version is on disk: `target`, or `.NAME.old` and the finished
+    folder between the two renames, which `training.state.recover_last` finds); after an error it is
+    removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -203,6 +205,8 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
             if f.is_file():
                 f.chmod(0o644)  # some writers create private files
         old = target.with_name(f".{target.name}.old")
+        if old.is_dir() and not target.exists():  # a replacement killed halfway: old is the whole copy
+            os.replace(old, target)
         shutil.rmtree(old, ignore_errors=True)
         if target.exists():
             os.replace(target, old)

@@ -50,6 +50,7 @@ class FeatureStore:
                 f"{root}: not a feature cache (no meta.json); make one with `captioner extract-features`"
             )
         meta = json.loads((root / "meta.json").read_text())
+        check_arrays(root, meta)
         mode: Literal["r"] | None = None if in_memory else "r"
         return cls(
             root,
@@ -156,6 +157,33 @@ def extract_features(
     }
 
 
+def check_arrays(root: Path, meta: dict) -> None:
+    """Refuse a cache whose arrays are not whole: each file as long as its header says, with the shape
+    meta.json says. (Opening a short file for writing would extend it with zeros that read as features.)"""
+    n, (cells, dim) = len(meta["keys"]), meta["grid_shape"]
+    for name, shape in (("pooled.npy", (n, dim)), ("grid.npy", (n, cells, dim)), ("done.npy", (n,))):
+        file = root / name
+        try:
+            with open(file, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                header = read(f)  # (shape, fortran order, dtype)
+                offset = f.tell()
+            have = file.stat().st_size - offset
+        except (OSError, ValueError) as e:
+            raise FeatureCacheError(f"{file}: not a readable array ({e}); the cache is damaged") from None
+        want = int(np.prod(header[0])) * np.dtype(header[2]).itemsize
+        if tuple(header[0]) != shape or have != want:
+            raise FeatureCacheError(
+                f"{file}: {have:,} bytes of {header[0]} {np.dtype(header[2])} data where {want:,} bytes of "
+                f"{shape} belong: the cache is damaged (cut short?); extract into a new --out directory"
+            )
+
+
 def check_fits(where: Path, meta: dict, encoder: str, preprocess: Preprocess) -> None:
     have = (meta["encoder"], Preprocess.from_dict(meta["preprocess"]))
     if have != (encoder, preprocess):
@@ -169,6 +197,7 @@ def open_cache(out: Path, keys: Sequence[str], encoder: Encoder, create: bool) -
     if (out / "meta.json").exists():
         meta = json.loads((out / "meta.json").read_text())
         check_fits(out, meta, encoder.name, encoder.preprocess)
+        check_arrays(out, meta)
         if meta["keys"] != list(keys):
             raise FeatureCacheError(
                 f"{out}: this cache was made for a different list of images "

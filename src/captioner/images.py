@@ -14,6 +14,7 @@ import functools
 import io
 import math
 import os
+import stat
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -196,7 +197,7 @@ def _from_array(array: np.ndarray, label: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a))
 
 
-MAX_DOWNLOAD = 64 * 1024 * 1024  # bytes: no photo is larger
+MAX_FILE_BYTES = MAX_DOWNLOAD = 64 * 1024 * 1024  # bytes: no photo is larger
 
 
 def download(url: str, timeout: float = 30.0) -> bytes:
@@ -228,12 +229,25 @@ def _read(source: str | os.PathLike | bytes | BinaryIO, name: str | None) -> tup
     if isinstance(source, str | os.PathLike):
         path = Path(source)
         label = name or str(path)
-        if path.is_dir():
-            raise ImageError(label, "is a directory, not an image file")
         try:
-            return label, path.read_bytes()
+            # opened without blocking and checked before reading: a FIFO would wait for a writer forever,
+            # /dev/zero would fill the memory
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                if stat.S_ISDIR(st.st_mode):
+                    raise ImageError(label, "is a directory, not an image file")
+                if not stat.S_ISREG(st.st_mode):
+                    raise ImageError(label, "not a regular file (a pipe, a device or a socket)")
+                if st.st_size > MAX_FILE_BYTES:
+                    raise ImageError(
+                        label, f"file is too large ({st.st_size:,} bytes; the limit is {MAX_FILE_BYTES:,})"
+                    )
+                return label, f.read(MAX_FILE_BYTES + 1)
         except FileNotFoundError:
             raise ImageError(label, "file not found") from None
+        except IsADirectoryError:
+            raise ImageError(label, "is a directory, not an image file") from None
         except OSError as e:
             raise ImageError(label, f"cannot read file ({e.strerror or e})") from None
     read = getattr(source, "read", None)

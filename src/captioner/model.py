@@ -282,13 +282,29 @@ class Captioner(nn.Module):
         """Load the decoder's weights (and the encoder's, when fine-tuned) from a checkpoint's safetensors."""
         from safetensors.torch import load_file
 
-        tensors = load_file(str(file))
+        try:
+            tensors = load_file(str(file))
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"{file}: missing (a checkpoint holds config.json, {Path(file).name} and vocab.json)"
+            ) from None
+        except Exception as e:  # empty, truncated or not safetensors at all
+            raise CheckpointError(
+                f"{file}: not a readable safetensors file ({type(e).__name__}: {e})"
+            ) from None
         parts = [("decoder.", self.decoder)] + (
             [("encoder.", self.encoder)] if self.encoder_finetuned else []
         )
         for prefix, module in parts:
             n = len(prefix)
-            module.load_state_dict({k[n:]: v.float() for k, v in tensors.items() if k.startswith(prefix)})
+            try:
+                module.load_state_dict({k[n:]: v.float() for k, v in tensors.items() if k.startswith(prefix)})
+            except RuntimeError as e:  # torch lists every mismatched tensor, many lines: one says enough
+                first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+                raise CheckpointError(
+                    f"{file}: the weights do not fit the model that config.json and vocab.json describe "
+                    f"({first}); are the files from different checkpoints?"
+                ) from None
 
     # --- captioning ---
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import functools
 import io
-import mimetypes
 import queue
 import threading
 import time
@@ -27,6 +27,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from captioner.errors import CaptionerError, ImageError
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 STATIC = Path(__file__).parent / "static"
 MAX_BEAM = 10
 THUMB_SIDE = 256
+UPLOAD_MAX_PIXELS = 50_000_000  # a 48-megapixel phone photo; larger uploads are scans or bombs
+DECODES = 2  # uploads decoded at once: the rest wait, so memory is bounded by this, not by the clients
 FORM_SLACK = 64 * 1024  # room for the multipart headers and small form fields around the file itself
 
 
@@ -204,8 +207,16 @@ def create_app(
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.state.batcher = batcher
 
+    decoding = threading.BoundedSemaphore(DECODES)
+
     def prepare(data: bytes, filename: str) -> torch.Tensor:
-        return transform(load_image(data, name=filename, min_side=decode_side(pre)))
+        with decoding:  # a few at a time: each big PNG costs hundreds of MB while it is decoded
+            image = load_image(data, name=filename, min_side=decode_side(pre), max_pixels=UPLOAD_MAX_PIXELS)
+            tensor = transform(image)
+            if image.width * image.height > 16_000_000:
+                del image
+                _give_back_memory()
+        return tensor
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -319,13 +330,22 @@ def create_app(
     async def photo(path: str, size: Literal["thumb", "full"] = "thumb") -> Response:
         """A photo of the index, only if this exact path is in it: the index decides, not the filesystem."""
         row = await run_in_threadpool(need_index().lookup, path)
-        if row is None:
+        if row is None or row["error"] is not None:  # only what was captioned: a failed row is no photo
             raise HTTPException(404, f"{path}: not a photo in the index")
         found = Path(row["path"])
-        if not found.is_file():
-            raise HTTPException(404, f"{path}: indexed, but the file is no longer there")
+        try:
+            st = found.stat()
+        except OSError:
+            raise HTTPException(404, f"{path}: indexed, but the file is no longer there") from None
+        if not found.is_file() or st.st_size != row["size"] or abs(st.st_mtime - row["mtime"]) > 1e-3:
+            raise HTTPException(
+                404, f"{path}: the file has changed since it was indexed (re-index the folder)"
+            )
         if size == "full":
-            return FileResponse(found, media_type=mimetypes.guess_type(found.name)[0] or "image/jpeg")
+            kind = await run_in_threadpool(_image_format, found)
+            if kind is None:
+                raise HTTPException(404, f"{path}: not an image file")
+            return FileResponse(found, media_type=Image.MIME.get(kind, "application/octet-stream"))
         try:
             data = await run_in_threadpool(thumbnail, str(found), found.stat().st_mtime_ns)
         except ImageError as e:
@@ -333,6 +353,25 @@ def create_app(
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     return app
+
+
+def _give_back_memory() -> None:
+    """Return freed heap to the system (glibc keeps it otherwise: a burst of big decodes stayed held)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _image_format(path: Path) -> str | None:
+    """The format of an image file, from its header (Pillow's allow-listed decoders), or None."""
+    from captioner.images import _plugins
+
+    try:
+        with Image.open(path, formats=sorted(_plugins())) as img:
+            return img.format
+    except Exception:
+        return None
 
 
 def _hits_json(index, hits: list) -> list[dict]:

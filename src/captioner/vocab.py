@@ -110,4 +110,11 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        from captioner.errors import CheckpointError
+
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: missing") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON, or not a vocabulary
+            raise CheckpointError(f"{path}: not a vocabulary file ({type(e).__name__}: {e})") from None

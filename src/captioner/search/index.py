@@ -6,16 +6,18 @@ stages (see `captioner.search`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sqlite3
+import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -65,6 +67,35 @@ CREATE TABLE IF NOT EXISTS photos (
 -- the captions or the labels, so "a pizza on a table" finds the pizza that the caption got wrong
 CREATE VIRTUAL TABLE IF NOT EXISTS captions_fts USING fts5(captions, labels, tokenize = 'porter unicode61');
 """
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file` (POSIX advisory locks; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_file, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(
+                f"waiting for another `captioner index` of {lock_file.with_suffix('')} to finish",
+                file=sys.stderr,
+            )
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _statements(script: str) -> list[str]:
+    """The SQL statements of a script, its comments removed (a comment may hold a ";")."""
+    code = "\n".join(line.split("--", 1)[0] for line in script.splitlines())
+    return [st.strip() for st in code.split(";") if st.strip()]
 
 
 @dataclass
@@ -126,17 +157,27 @@ class PhotoIndex:
         try:
             c.execute("PRAGMA journal_mode = WAL")
             exists = c.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone()
+            # a creation killed before its metadata (older versions made the two steps apart): still new
+            unfinished = exists and self._meta("schema_version") is None and self._count_photos() == 0
         except sqlite3.DatabaseError as e:
             raise SearchIndexError(f"{self.db}: not a photo index ({e})") from None
-        if not exists:
+        if not exists or unfinished:
             if not create:
                 raise SearchIndexError(f"{self.db}: not a photo index (no meta table)")
-            c.executescript(SCHEMA)
-            with c:
+            # in one write transaction: a second `captioner index` on the same new file waits for this
+            # one, then finds the index made (everything is IF NOT EXISTS / OR IGNORE)
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _statements(SCHEMA):
+                    c.execute(statement)
                 c.executemany(
-                    "INSERT INTO meta VALUES (?, ?)",
+                    "INSERT OR IGNORE INTO meta VALUES (?, ?)",
                     [("schema_version", str(SCHEMA_VERSION)), ("embedder", EMBEDDER)],
                 )
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
         version = self._meta("schema_version")
         if version != str(SCHEMA_VERSION):
             raise SearchIndexError(
@@ -204,7 +245,22 @@ class PhotoIndex:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    def update(
+    def _count_photos(self) -> int:
+        if not self._conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'photos'").fetchone():
+            return 0
+        return self._conn.execute("SELECT count(*) FROM photos").fetchone()[0]
+
+    def update(self, folder: str | Path, captioner: Captioner, *args: Any, **kwargs: Any) -> dict:
+        """`_update`, one run at a time: a second `captioner index` of the same database waits for the
+        first, then captions only what the first left (torchrun's processes, which share the work by
+        design, take no lock: their rank 0 has recorded the models before the others start)."""
+        share = kwargs.get("share", (0, 1))
+        if share[1] > 1:
+            return self._update(folder, captioner, *args, **kwargs)
+        with _exclusive(self.db.with_name(self.db.name + ".lock")):
+            return self._update(folder, captioner, *args, **kwargs)
+
+    def _update(
         self,
         folder: str | Path,
         captioner: Captioner,

@@ -46,6 +46,7 @@ from captioner.training.state import (
     RunState,
     load_state,
     make_scheduler,
+    recover_last,
     save_state,
     seed_everything,
     step_scheduler,
@@ -84,7 +85,7 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
     """Train as `config` says; returns the directory of the best checkpoint."""
     run = prepare(config, resume)
     try:
-        stop = False
+        stop = run.state.bad_epochs >= config.train.patience  # a resumed run that had stopped early
         while run.state.epoch < config.train.epochs and not stop:
             stop = train_epoch(run, progress and run.ddp.main)
             stop = end_epoch(run, stop)
@@ -122,6 +123,21 @@ def prepare(config: Config, resume: bool) -> Run:
             f"{out}: a training run is already there; pass --resume to continue it, "
             "or choose another train.out_dir"
         )
+    resumable, note = None, ""
+    if resume:  # the newest whole checkpoint, wherever an interrupted save left it; never a silent restart
+        if ddp.main:
+            resumable, note = recover_last(out)
+        distributed.barrier(ddp)
+        if not ddp.main:
+            resumable = last if (last / STATE_FILE).exists() else None
+        if resumable is None and ((out / "best").exists() or last.exists()):
+            raise TrainingRunError(
+                f"{out}: --resume found checkpoints but none to resume from (no whole last/ with its "
+                f"{STATE_FILE}); refusing to start over, which would replace best/: train into another "
+                "train.out_dir"
+            )
+        if resumable is None and ddp.main:
+            print(f"nothing to resume in {out}: starting a new run")
     seed_everything(tc.seed + ddp.rank)  # the same initial weights are broadcast from rank 0; dropout differs
 
     data = load_dataset(
@@ -132,7 +148,7 @@ def prepare(config: Config, resume: bool) -> Run:
     start = _start_checkpoint(config) if tc.init_from else None
     if start is not None:  # its decoder settings replace the config's: they must match its weights
         config = dataclasses.replace(config, decoder=dataclasses.replace(start[1].decoder, glove=None))
-    if resume and (last / VOCAB_FILE).exists():
+    if resumable is not None:
         vocab = Vocabulary.load(last / VOCAB_FILE)
     elif start is not None:
         vocab = Vocabulary.load(start[0] / VOCAB_FILE)
@@ -147,7 +163,7 @@ def prepare(config: Config, resume: bool) -> Run:
     store = (
         FeatureStore.open(config.data.features, in_memory=ddp.world == 1) if config.data.features else None
     )
-    model = _build_model(config, vocab, store, start, resume).to(device)
+    model = _build_model(config, vocab, store, start, resumable is not None).to(device)
     source = Source(data.root, model, store, augment=tc.augment)
     if tc.scst:
         references = [[tokenize(c) for c in ex.captions] for ex in train_examples]
@@ -179,12 +195,21 @@ def prepare(config: Config, resume: bool) -> Run:
         val_features = source.features(val_examples) if store is not None else None
 
     state = RunState()
-    if resume and (last / STATE_FILE).exists():
+    if resumable is not None:
         model.load_weights(last / WEIGHTS_FILE)
         state = load_state(last / STATE_FILE, optimizer, scheduler)
-        if ddp.main:
+        if ddp.main and state.bad_epochs >= tc.patience:
+            print(
+                f"nothing to resume in {out}: it stopped early after epoch {state.epoch} (no better "
+                f"validation CIDEr for {tc.patience} epochs); raise train.patience to go on"
+            )
+        elif ddp.main and state.epoch >= tc.epochs:
+            print(
+                f"nothing to resume in {out}: it finished its {tc.epochs} epochs; raise train.epochs to go on"
+            )
+        elif ddp.main:
             where = f"epoch {state.epoch + 1}, step {state.step_in_epoch} of the epoch"
-            print(f"resuming from {last}: {where}")
+            print(f"resuming from {last}{note}: {where}")
     if ddp.main:
         (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         save_split(data, out / SPLIT_FILE)

@@ -7,14 +7,16 @@ weights_only=True); the model weights beside it are the checkpoint's own.
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from captioner.config import TrainConfig
-from captioner.errors import ConfigError
+from captioner.errors import CheckpointError, ConfigError
 
 STATE_FILE = "training_state.pt"
 
@@ -66,7 +68,12 @@ def save_state(file: Path, state: RunState, optimizer, scheduler) -> None:
 
 def load_state(file: Path, optimizer, scheduler) -> RunState:
     """Restore the optimiser (its tensors follow the parameters' device), schedule and RNGs."""
-    saved = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # empty, truncated, or not a training state
+        raise CheckpointError(
+            f"{file}: not a readable training state ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     optimizer.load_state_dict(saved["optimizer"])
     if scheduler is not None and saved["scheduler"] is not None:
         scheduler.load_state_dict(saved["scheduler"])
@@ -82,3 +89,44 @@ def _as_tuple(x):
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _step_of(folder: Path) -> int | None:
+    """The optimiser steps a checkpoint folder's training state records, or None if it is not whole."""
+    from captioner.checkpoint import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE
+
+    if not all((folder / f).is_file() for f in (STATE_FILE, WEIGHTS_FILE, VOCAB_FILE, CONFIG_FILE)):
+        return None
+    try:
+        return int(
+            torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)["state"]["global_step"]
+        )
+    except Exception:  # an empty, truncated or foreign file: not something to resume from
+        return None
+
+
+def recover_last(out: Path) -> tuple[Path | None, str]:
+    """Put the newest whole `last` checkpoint of a run directory back in `out/last`, from wherever a killed
+    save left it (`last/`, `.last.old`, or the finished temporary folder that was about to replace it),
+    and remove the other leftovers (`.last.*`, and `.best.*` once `best/` is whole). Returns (out/last or
+    None, what was done, for the log)."""
+    last = out / "last"
+    candidates = [last, *sorted(out.glob(".last.*"))]
+    steps = {c: _step_of(c) for c in candidates if c.is_dir()}
+    whole = {c: s for c, s in steps.items() if s is not None}
+    note = ""
+    if whole:
+        newest = max(whole, key=lambda c: (whole[c], c == last))
+        if newest != last:
+            if last.exists():
+                shutil.rmtree(last)
+            os.replace(newest, last)
+            note = f" (recovered from {newest.name}, left by an interrupted save)"
+    for leftover in out.glob(".last.*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    best, best_old = out / "best", out / ".best.old"
+    if not best.exists() and best_old.is_dir():
+        os.replace(best_old, best)
+    for leftover in out.glob(".best.*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return (last if whole else None), note
