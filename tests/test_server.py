@@ -412,3 +412,14 @@ def test_similar_photos_need_an_index_with_a_search_embedding(
         r = c.get("/api/similar", params={"path": "/etc/passwd"})
         assert r.status_code == 404 and "not a photo in the index" in r.json()["detail"]
     index.close()
+
+
+def test_a_file_sent_as_an_option_is_a_422_naming_the_field_not_the_upload(client, tiny_data):
+    files = {
+        "file": ("photo.jpg", image(tiny_data), "image/jpeg"),
+        "beam_size": ("x.jpg", b"123", "image/jpeg"),
+    }
+    r = client.post("/api/caption", files=files)
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"][-1] == "beam_size"
+    assert "UploadFile" not in r.text and "Headers" not in r.text

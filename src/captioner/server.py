@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
@@ -204,6 +205,22 @@ def create_app(
         title="captioner", summary="Caption photos and search them by their captions.", lifespan=lifespan
     )
     app.add_middleware(UploadLimit, max_bytes=max_upload_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, error: RequestValidationError) -> JSONResponse:
+        """422 naming the field and what is wrong; the offending value only when it is plain data (a
+        file sent where a number goes would otherwise echo the upload object's internals)."""
+        plain = (str, int, float, bool, type(None))
+        detail = [
+            {
+                k: v
+                for k, v in e.items()
+                if k in ("loc", "msg", "type") or (k == "input" and isinstance(v, plain))
+            }
+            for e in error.errors()
+        ]
+        return JSONResponse({"detail": detail}, status_code=422)
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.state.batcher = batcher
 

@@ -136,10 +136,17 @@ class PhotoIndex:
             raise FileNotFoundError(
                 f"{self.db}: no such photo index (make one: captioner index DIR --db {db})"
             )
+        if self.db.is_dir():
+            raise SearchIndexError(
+                f"{self.db}: a folder; --db names the index file, e.g. {self.db / 'photos.sqlite'}"
+            )
         if create:
             self.db.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()  # one connection, shared by a server's threads
-        self._conn = sqlite3.connect(self.db, timeout=30, check_same_thread=False)
+        try:
+            self._conn = sqlite3.connect(self.db, timeout=30, check_same_thread=False)
+        except sqlite3.Error as e:  # e.g. a folder that cannot be written
+            raise SearchIndexError(f"{self.db}: cannot open the index ({e})") from None
         self._cache: tuple | None = None
         self._grids: OrderedDict[int, np.ndarray] = OrderedDict()  # re-encoded grids (see GRID_CACHE)
         self._captioner: Captioner | None = None
