@@ -472,7 +472,5 @@ def test_a_database_whose_creation_was_killed_before_its_metadata_is_usable(tmp_
 def test_index_db_that_is_a_folder_is_one_line(tiny_model, tiny_data, tmp_path, capsys):
     assert main(["index", str(tiny_data / "images"), "--db", str(tmp_path), "--model", str(tiny_model)]) == 1
     err = capsys.readouterr().err.strip()
-    assert (
-        err
-        == f"captioner: error: {tmp_path}: a folder; --db names the index file, e.g. {tmp_path / 'photos.sqlite'}"
-    )
+    assert err.startswith(f"captioner: error: {tmp_path}: a folder; --db names the index file")
+    assert "\n" not in err
