@@ -362,7 +362,7 @@ def test_phone_formats_are_found_in_folders(tmp_path: Path) -> None:
 def test_a_heic_without_its_plugin_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     from captioner import images
 
-    monkeypatch.setattr(images, "_plugins", lambda: frozenset({"JPEG", "PNG"}))
+    monkeypatch.setattr(images, "readable_formats", lambda: frozenset({"JPEG", "PNG"}))
     with pytest.raises(
         ImageError, match=r"rotate6.heic: a HEIC image, which needs `pip install pillow-heif`"
     ):

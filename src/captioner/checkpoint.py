@@ -204,9 +204,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         for f in tmp.iterdir():
             if f.is_file():
                 f.chmod(0o644)  # some writers create private files
-        old = target.with_name(f".{target.name}.old")
-        if old.is_dir() and not target.exists():  # a replacement killed halfway: old is the whole copy
-            os.replace(old, target)
+        old = restore_interrupted(target)
         shutil.rmtree(old, ignore_errors=True)
         if target.exists():
             os.replace(target, old)
@@ -214,6 +212,15 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def restore_interrupted(target: Path) -> Path:
+    """Put `.NAME.old` back as `target` when a replacement was killed between its two renames (old is then
+    the whole copy); returns the `.NAME.old` path."""
+    old = target.with_name(f".{target.name}.old")
+    if old.is_dir() and not target.exists():
+        os.replace(old, target)
+    return old
 
 
 def weights_digest(module: nn.Module) -> str:

@@ -495,9 +495,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _evaluate_search(args: argparse.Namespace) -> int:
     from captioner.search.evaluate import evaluate_search
 
-    for name in ("queries", "limit"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise SystemExit(f"captioner evaluate-search: --{name} must be at least 1")
     evaluate_search(
         args.root,
         args.embedding,

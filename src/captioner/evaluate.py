@@ -28,7 +28,7 @@ from captioner.generation import GenerationOptions
 from captioner.hallucination import chair
 from captioner.images import load_batches
 from captioner.metrics import JAVA_MISSING, CaptionScorer, format_scores, format_table, have_java
-from captioner.model import Captioner
+from captioner.model import DEFAULT_MODEL, Captioner
 
 
 def encode_images(
@@ -81,7 +81,7 @@ def default_output(model: str | Sequence[str] | None, split: str) -> Path:
         text = f"{p.parent.name}-{p.name}" if p.name in ("best", "last") and p.parent.name else p.name
         return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
 
-    models = [model] if isinstance(model, str) else list(model or ["flickr8k"])
+    models = [model] if isinstance(model, str) else list(model or [DEFAULT_MODEL])
     return Path(f"eval-{'+'.join(name(m) for m in models)}-{split}.json")
 
 

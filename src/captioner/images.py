@@ -44,7 +44,7 @@ _AVIF_BRANDS = (b"avif", b"avis")
 
 
 @functools.cache
-def _plugins() -> frozenset[str]:
+def readable_formats() -> frozenset[str]:
     """Register the optional decoders once (pillow-heif for HEIC; pillow-avif-plugin on a Pillow without
     AVIF); returns the formats that can be read."""
     formats = set(IMAGE_FORMATS) - {"HEIF", "AVIF"}
@@ -74,9 +74,9 @@ def _unreadable_kind(data: bytes) -> str | None:
     if data[4:8] != b"ftyp":
         return None
     brand = data[8:12]
-    if brand in _HEIF_BRANDS and "HEIF" not in _plugins():
+    if brand in _HEIF_BRANDS and "HEIF" not in readable_formats():
         return "HEIC"
-    if brand in _AVIF_BRANDS and "AVIF" not in _plugins():
+    if brand in _AVIF_BRANDS and "AVIF" not in readable_formats():
         return "AVIF"
     return None
 
@@ -122,12 +122,8 @@ def load_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=sorted(_plugins())) as img:
-                width, height = img.size  # known from the header alone: check before decoding anything
-                if width * height > max_pixels:
-                    raise ImageError(
-                        label, f"image is too large ({width}x{height} pixels, limit is {max_pixels:,} pixels)"
-                    )
+            with Image.open(io.BytesIO(data), formats=sorted(readable_formats())) as img:
+                _check_pixels(img, label, max_pixels)  # the size is in the header: before decoding anything
                 if min_side is not None and img.format == "JPEG":
                     img.draft("RGB", (min_side, min_side))  # keeps both sides >= min_side
                 img.load()
@@ -142,7 +138,7 @@ def load_image(
             raise ImageError(
                 label, f"a {kind} image, which needs `pip install {package}` to be read"
             ) from None
-        formats = ", ".join(sorted(_plugins()))
+        formats = ", ".join(sorted(readable_formats()))
         raise ImageError(label, f"not a recognised image file (supported formats: {formats})") from None
     except Exception as e:  # Pillow's decoders raise many types on bad data; all mean "unusable file"
         if "truncated" in str(e):
@@ -151,12 +147,16 @@ def load_image(
     return _to_rgb(upright, label)
 
 
-def _from_pil(img: Image.Image, label: str, max_pixels: int) -> Image.Image:
+def _check_pixels(img: Image.Image, label: str, max_pixels: int) -> None:
     width, height = img.size
     if width * height > max_pixels:
         raise ImageError(
             label, f"image is too large ({width}x{height} pixels, limit is {max_pixels:,} pixels)"
         )
+
+
+def _from_pil(img: Image.Image, label: str, max_pixels: int) -> Image.Image:
+    _check_pixels(img, label, max_pixels)
     try:
         img.load()  # an image from Image.open() is read only now
     except Exception as e:
@@ -257,12 +257,11 @@ def _read(source: str | os.PathLike | bytes | BinaryIO, name: str | None) -> tup
             f"cannot read an image from a {type(source).__name__} (give a path, an http(s) URL, bytes, a "
             "binary file object, a PIL image or a numpy array)",
         )
+    label = name or str(getattr(source, "name", "<stream>"))
     data = read()
     if isinstance(data, str):
-        raise ImageError(
-            name or str(getattr(source, "name", "<stream>")), "a text stream: open the file in 'rb' mode"
-        )
-    return name or str(getattr(source, "name", "<stream>")), data
+        raise ImageError(label, "a text stream: open the file in 'rb' mode")
+    return label, data
 
 
 def _upright(img: Image.Image) -> Image.Image:

@@ -16,6 +16,7 @@ import ctypes
 import functools
 import io
 import queue
+import stat
 import threading
 import time
 from collections import defaultdict
@@ -33,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 
 from captioner.errors import CaptionerError, ImageError
 from captioner.generation import GenerationOptions
-from captioner.images import build_transform, decode_side, load_image
+from captioner.images import build_transform, decode_side, load_image, readable_formats
 
 if TYPE_CHECKING:
     import torch
@@ -354,7 +355,11 @@ def create_app(
             st = found.stat()
         except OSError:
             raise HTTPException(404, f"{path}: indexed, but the file is no longer there") from None
-        if not found.is_file() or st.st_size != row["size"] or abs(st.st_mtime - row["mtime"]) > 1e-3:
+        if (
+            not stat.S_ISREG(st.st_mode)
+            or st.st_size != row["size"]
+            or abs(st.st_mtime - row["mtime"]) > 1e-3
+        ):
             raise HTTPException(
                 404, f"{path}: the file has changed since it was indexed (re-index the folder)"
             )
@@ -364,7 +369,7 @@ def create_app(
                 raise HTTPException(404, f"{path}: not an image file")
             return FileResponse(found, media_type=Image.MIME.get(kind, "application/octet-stream"))
         try:
-            data = await run_in_threadpool(thumbnail, str(found), found.stat().st_mtime_ns)
+            data = await run_in_threadpool(thumbnail, str(found), st.st_mtime_ns)
         except ImageError as e:
             raise HTTPException(422, str(e)) from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
@@ -382,10 +387,8 @@ def _give_back_memory() -> None:
 
 def _image_format(path: Path) -> str | None:
     """The format of an image file, from its header (Pillow's allow-listed decoders), or None."""
-    from captioner.images import _plugins
-
     try:
-        with Image.open(path, formats=sorted(_plugins())) as img:
+        with Image.open(path, formats=sorted(readable_formats())) as img:
             return img.format
     except Exception:
         return None

@@ -110,6 +110,8 @@ def recover_last(out: Path) -> tuple[Path | None, str]:
     save left it (`last/`, `.last.old`, or the finished temporary folder that was about to replace it),
     and remove the other leftovers (`.last.*`, and `.best.*` once `best/` is whole). Returns (out/last or
     None, what was done, for the log)."""
+    from captioner.checkpoint import restore_interrupted
+
     last = out / "last"
     candidates = [last, *sorted(out.glob(".last.*"))]
     steps = {c: _step_of(c) for c in candidates if c.is_dir()}
@@ -124,9 +126,7 @@ def recover_last(out: Path) -> tuple[Path | None, str]:
             note = f" (recovered from {newest.name}, left by an interrupted save)"
     for leftover in out.glob(".last.*"):
         shutil.rmtree(leftover, ignore_errors=True)
-    best, best_old = out / "best", out / ".best.old"
-    if not best.exists() and best_old.is_dir():
-        os.replace(best_old, best)
+    restore_interrupted(out / "best")
     for leftover in out.glob(".best.*"):
         shutil.rmtree(leftover, ignore_errors=True)
     return (last if whole else None), note
