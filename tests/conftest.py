@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import csv
 import os
 import shutil
+import socket
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -155,3 +160,28 @@ def tiny_embedding(tiny_data, tiny_features, tmp_path_factory) -> Path:
     from captioner.search.train_joint import train_joint
 
     return train_joint(tiny_joint_config(tiny_data, tiny_features, tmp_path_factory.mktemp("joint")))
+
+
+@contextlib.contextmanager
+def serve(app, **limits) -> Iterator[str]:
+    """Run the app as `captioner serve` does (uvicorn, behind http_timeouts' deadlines, with these
+    limits), in a thread on a free loopback port; yields its URL."""
+    import uvicorn
+
+    from captioner.http_timeouts import uvicorn_config
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound here, so no other process can take the port in between
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning", **limits))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert server.started, "uvicorn did not start within 30 s"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

@@ -12,15 +12,14 @@ import argparse
 import contextlib
 import os
 import re
-import socket
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from conftest import serve
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -45,28 +44,6 @@ def browser_missing() -> str | None:
     except ImportError:
         return "the playwright Python package is not installed"
     return None
-
-
-@contextlib.contextmanager
-def serve(app) -> Iterator[str]:
-    """Run the app with uvicorn in a thread on a free loopback port; yields its URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # bound here, so no other process can take the port in between
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        assert server.started, "uvicorn did not start within 30 s"
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 @contextlib.contextmanager

@@ -254,6 +254,110 @@ def test_sixteen_huge_uploads_at_once_keep_memory_bounded_and_the_server_answeri
     assert rss_mb() - before < 400, "the memory of the burst stayed held"
 
 
+def test_slow_clients_are_cut_off_while_healthz_answers_and_a_slow_honest_upload_finishes(model):
+    """Slowloris: connections that send nothing, trickle headers or trickle a body are closed (408) at
+    their deadline; /healthz answers all the while; an upload at more than min_rate finishes."""
+    import io as io_
+    import select
+    import socket
+    import time
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    from conftest import serve
+
+    buf = io_.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, "PNG")
+    photo = buf.getvalue()  # about 7 KB: 2.8 s at the honest client's 2,500 bytes a second
+    app = create_app(model, max_upload_bytes=LIMIT)
+    with serve(app, header_timeout=1.0, body_timeout=1.0, min_rate=1000) as url:
+        host, port = url.removeprefix("http://").split(":")
+        address = (host, int(port))
+
+        def connect(first: bytes) -> socket.socket:
+            s = socket.create_connection(address)
+            s.sendall(first)
+            return s
+
+        post = (
+            b"POST /api/caption HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+            b"Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n--b0undary\r\n"
+            b'Content-Disposition: form-data; name="file"; filename="n.png"\r\n\r\n'
+        )
+        began = time.monotonic()
+        slow = {"silent": [connect(b"") for _ in range(100)]}
+        slow["headers"] = [connect(b"GET /healthz HTTP/1.1\r\nHost: x\r\n") for _ in range(50)]
+        slow["body"] = [connect(post + b"x" * 10) for _ in range(50)]
+        closed: dict[socket.socket, float] = {}  # when the server closed it
+        got: dict[socket.socket, bytes] = {}
+        stop = threading.Event()
+
+        def trickle():  # 1 header byte or 10 body bytes a socket every 0.1 s: 10 and 100 bytes a second
+            while not stop.wait(0.1):
+                for kind, chunk in (("headers", b"X"), ("body", b"x" * 10)):
+                    for s in slow[kind]:
+                        if s not in closed:
+                            try:
+                                s.send(chunk)
+                            except OSError:
+                                pass
+
+        honest: dict = {}
+
+        def upload():  # a real multipart upload at 2,500 bytes a second, well past body_timeout
+            boundary = b"b0undary"
+            body = (
+                b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="n.png"\r\n'
+                b"Content-Type: image/png\r\n\r\n" + photo + b"\r\n--" + boundary + b"--\r\n"
+            )
+            head = (
+                f"POST /api/caption HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: "
+                f"{len(body)}\r\nContent-Type: multipart/form-data; boundary=b0undary\r\n\r\n"
+            ).encode()
+            with socket.create_connection(address) as s:
+                s.sendall(head)
+                for i in range(0, len(body), 250):
+                    s.sendall(body[i : i + 250])
+                    time.sleep(0.1)
+                honest["seconds"] = time.monotonic() - began
+                honest["answer"] = b"".join(iter(lambda: s.recv(65536), b""))
+
+        threads = [threading.Thread(target=trickle), threading.Thread(target=upload)]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(10):  # 200 slow connections open: a new client is still answered at once
+                t0 = time.monotonic()
+                assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+                assert time.monotonic() - t0 < 1.0
+            everyone = [s for group in slow.values() for s in group]
+            while len(closed) < len(everyone) and time.monotonic() - began < 10:
+                readable, _, _ = select.select([s for s in everyone if s not in closed], [], [], 0.5)
+                for s in readable:
+                    try:
+                        data = s.recv(65536)
+                    except OSError:
+                        data = b""
+                    if data:
+                        got[s] = got.get(s, b"") + data
+                    else:
+                        closed[s] = time.monotonic() - began
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+        assert len(closed) == len(everyone), f"{len(everyone) - len(closed)} slow connections still open"
+        # deadlines: 1 s (headers), 1 s + 100 bytes a second / 1,000 (body); 3 s of slack for a busy machine
+        assert max(closed.values()) < 5
+        assert all(got.get(s, b"").startswith(b"HTTP/1.1 408 ") for s in everyone)
+        assert b" 200 OK" in honest["answer"].split(b"\r\n")[0], honest.get("answer", b"")[:200]
+        assert honest["seconds"] > 2  # longer than any deadline but for the allowance its bytes earned
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+
+
 # --- search: needs captioner.search (PhotoIndex) ---
 
 

@@ -407,9 +407,11 @@ def serve_command(args: argparse.Namespace) -> int:
     """`captioner serve`: load the model (and the index), then serve until interrupted."""
     import uvicorn
 
+    from captioner.http_timeouts import uvicorn_config
+
     app = load_app(args)
     print(f"captioner: serving http://{args.host}:{args.port}/ (API docs at /docs)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    uvicorn.Server(uvicorn_config(app, args.host, args.port)).run()
     return 0
 
 
