@@ -183,6 +183,9 @@ def test_search_finds_the_expected_photo_first(page, url):
     assert first.locator(".path").inner_text().startswith("green_circle")  # relative to the folder
     assert "green circle" in first.locator("figcaption").inner_text()
     assert "found" in page.text_content("#search-status")
+    search_photos(page, url, "a plate of spaghetti")  # nothing like it: the nearest, said to be no match
+    assert page.locator("#hits figure").count() > 0
+    assert page.text_content("#search-status").startswith('No good match for "a plate of spaghetti"')
 
 
 @pytest.fixture(scope="module")

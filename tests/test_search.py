@@ -216,9 +216,39 @@ def test_search_command_formats(stored, capsys):
     assert main(["search", "a dog", "--db", str(stored), "--format", "jsonl"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(records) == 5 and [r["rank"] for r in records] == [1, 2, 3, 4, 5]
-    fields = {"query", "rank", "path", "caption", "score", "semantic", "keyword", "likelihood", "joint"}
+    fields = {
+        "query",
+        "rank",
+        "path",
+        "caption",
+        "score",
+        "semantic",
+        "keyword",
+        "likelihood",
+        "joint",
+        "match",
+    }
     assert set(records[0]) == fields and records[0]["query"] == "a dog"
     assert Path(records[0]["path"]).stem == "dog" and records[0]["keyword"] > 0
+
+
+def test_a_query_no_photo_answers_is_said_to_have_no_good_match(stored, capsys):
+    with PhotoIndex(stored) as index:
+        assert index.search("a dog running in the snow", 1)[0].match is True
+        nearest = index.search("a plate of spaghetti with meatballs", 3)
+        assert len(nearest) == 3 and not any(h.match for h in nearest)  # still shown: the nearest photos
+    assert main(["search", "a plate of spaghetti with meatballs", "a red ball", "--db", str(stored)]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("no good match") == 1 and "'a plate of spaghetti with meatballs'" in err
+    assert "# a red ball" in out
+
+
+def test_good_match_thresholds_the_match_score():
+    from captioner.search.fusion import GOOD_MATCH, GOOD_MATCH_CAPTIONS, good_match, match_score
+
+    assert match_score(0.6, 0.2) == pytest.approx(0.4) and match_score(0.6, None) == 0.6
+    assert good_match(GOOD_MATCH_CAPTIONS, None) and not good_match(GOOD_MATCH_CAPTIONS - 0.01, None)
+    assert good_match(GOOD_MATCH + 0.1, GOOD_MATCH - 0.1) and not good_match(GOOD_MATCH, GOOD_MATCH - 0.02)
 
 
 def test_many_queries_in_one_start_up_match_one_at_a_time(stored, capsys, monkeypatch):

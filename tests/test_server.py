@@ -391,6 +391,14 @@ def search_client(model, photo_index):
         yield c
 
 
+def test_search_says_when_no_photo_is_a_good_match(search_client):
+    body = search_client.get("/api/search", params={"q": "a green circle", "top": 3}).json()
+    assert body["good_match"] is True and body["hits"][0]["match"] is True
+    body = search_client.get("/api/search", params={"q": "a plate of spaghetti", "top": 3}).json()
+    assert body["good_match"] is False and len(body["hits"]) == 3  # the nearest, marked as such
+    assert not any(h["match"] for h in body["hits"])
+
+
 def test_search_finds_indexed_photos(search_client):
     assert search_client.get("/healthz").json()["search"] is True
     hits = search_client.get("/api/search", params={"q": "a red square", "top": 3}).json()["hits"]

@@ -315,7 +315,11 @@ def create_app(
         """The indexed photos that best match the query, best first."""
         found = need_index()
         hits = await run_in_threadpool(found.search, q, top, rerank)
-        return {"query": q, "hits": await run_in_threadpool(_hits_json, found, hits)}
+        return {
+            "query": q,
+            "good_match": any(h.match for h in hits),  # False: the hits are only the nearest photos
+            "hits": await run_in_threadpool(_hits_json, found, hits),
+        }
 
     @app.get("/api/similar")
     async def similar(

@@ -198,6 +198,9 @@ def search_command(args) -> int:
         header = len(queries) > 1 or queries == ["-"]
         for query in _queries(queries):
             hits = index.search(query, args.top, rerank=rerank)
+            if hits and not any(h.match for h in hits):
+                note = f"captioner: note: no good match for {query!r}; the nearest photos follow"
+                print(note, file=sys.stderr)
             _print_hits(hits, args.format, query=query, header=header)
     return 0
 

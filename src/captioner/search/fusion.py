@@ -6,6 +6,10 @@ import numpy as np
 
 RRF_K = 60  # reciprocal rank fusion's constant, as in Cormack et al. (2009)
 KEYWORD_WEIGHT = 0.5  # of the keyword ranking against the semantic one (1.0): see fuse
+# A hit whose match_score is below these is "no good match" (the search says so, and still shows it):
+# chosen on Flickr8k dev and coco-mini by scripts/match_threshold.py (docs/experiments.md).
+GOOD_MATCH = 0.406  # with a search embedding
+GOOD_MATCH_CAPTIONS = 0.398  # for an index made without one
 
 
 def ranks_of(scores: np.ndarray) -> np.ndarray:
@@ -43,3 +47,14 @@ def fuse(
         total += joint
     scale = (RRF_K + 1) / total if total > 0 else 0.0
     return scale * score, scale * keyword_term
+
+
+def match_score(semantic, joint):
+    """How well a photo answers a query on a scale that, unlike the fused rank score, means the same for
+    every query: the mean of the query's cosine similarity to the photo in the search embedding and to its
+    captions in the sentence model's space; the captions' alone when there is no embedding (joint None)."""
+    return semantic if joint is None else (semantic + joint) / 2
+
+
+def good_match(semantic: float, joint: float | None) -> bool:
+    return bool(match_score(semantic, joint) >= (GOOD_MATCH_CAPTIONS if joint is None else GOOD_MATCH))

@@ -25,7 +25,7 @@ from captioner.checkpoint import weights_digest
 from captioner.errors import CaptionerError, SearchIndexError
 from captioner.generation import GenerationOptions
 from captioner.search.embedder import EMBEDDER, embed
-from captioner.search.fusion import KEYWORD_WEIGHT, RRF_K, fuse
+from captioner.search.fusion import KEYWORD_WEIGHT, RRF_K, fuse, good_match
 from captioner.search.likelihood import query_log_likelihood
 
 if TYPE_CHECKING:
@@ -109,6 +109,8 @@ class SearchHit:
     keyword: float  # FTS5 contribution (0 when no keyword matched)
     likelihood: float | None  # mean log-probability per word of the query as this photo's caption
     joint: float | None = None  # cosine similarity of query and photo in the search embedding, if any
+    # whether it answers the query well (fusion.good_match); None where there is no query (similar photos)
+    match: bool | None = None
 
 
 def model_id(captioner: Captioner) -> str:
@@ -572,6 +574,9 @@ class PhotoIndex:
                 float(keyword_term[i]),
                 loglik.get(ids[i]),
                 None if joint_similarity is None else float(joint_similarity[i]),
+                good_match(
+                    float(similarity[i]), None if joint_similarity is None else float(joint_similarity[i])
+                ),
             )
             for i in order[:top_k]
         ]

@@ -268,7 +268,12 @@ async function showHits(url, what) {
     list.append(li);
   }
   const n = body.hits.length;
-  $("search-status").textContent = n ? `${n} photo${n > 1 ? "s" : ""} found for ${what}.` : `No photos found for ${what}.`;
+  const nearest = `${n === 1 ? "the nearest photo" : `the ${n} nearest photos`}`;
+  $("search-status").textContent = !n
+    ? `No photos found for ${what}.`
+    : body.good_match === false // only searches have it: "more like this" always finds neighbours
+      ? `No good match for ${what}; showing ${nearest}.`
+      : `${n} photo${n > 1 ? "s" : ""} found for ${what}.`;
 }
 
 async function copyAlt() {
