@@ -40,14 +40,14 @@ def test_version_and_help_are_quick_and_import_no_torch():
             "argument --length-penalty: expected a finite number, got 'nan'",
         ),
         (["caption", "x.jpg", "--temperature", "0"], "argument --temperature: must be above 0, got 0"),
-        (["caption", "x.jpg", "--top-p", "1.5"], "argument --top-p: must be at most 1, got 1.5"),
+        (["caption", "x.jpg", "--top-p", "1.5"], "argument --top-p: must be above 0 and at most 1, got 1.5"),
         (
             ["caption", "x.jpg", "--beam-size", "two"],
             "argument --beam-size: expected a whole number, got 'two'",
         ),
         (["index", "photos", "--n-best", "0"], "argument --n-best: must be at least 1, got 0"),
         (["evaluate", "data", "--beam-size", "3", "0"], "argument --beam-size: must be at least 1, got 0"),
-        (["serve", "--port", "99999"], "argument --port: must be at most 65535, got 99999"),
+        (["serve", "--port", "99999"], "argument --port: must be at least 0 and at most 65535, got 99999"),
         (["search", "a dog", "--top", "0"], "argument --top: must be at least 1, got 0"),
     ],
 )

@@ -61,6 +61,9 @@ def _number(
     kind: type = int, *, low: float | None = None, above: float | None = None, high: float | None = None
 ):
     """An argparse type: a finite `kind` within the bounds, else a one-line error naming the option."""
+    from captioner.limits import Limit
+
+    limit = Limit(low=low, above=above, high=high)
 
     def parse(text: str):
         try:
@@ -71,12 +74,8 @@ def _number(
             ) from None
         if value != value or value in (float("inf"), float("-inf")):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-        if low is not None and value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low:g}, got {text}")
-        if above is not None and value <= above:
-            raise argparse.ArgumentTypeError(f"must be above {above:g}, got {text}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be at most {high:g}, got {text}")
+        if not limit.allows(value):
+            raise argparse.ArgumentTypeError(f"must be {limit}, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # what argparse names in "invalid int value"

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from captioner.errors import ConfigError
+from captioner.limits import Limit
 
 
 @dataclass
@@ -103,43 +104,6 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class Limit:
-    """What a config value may be: at least `low`, more than `above`, at most `high`, less than `below`,
-    or one of `choices`."""
-
-    low: float | None = None
-    above: float | None = None
-    high: float | None = None
-    below: float | None = None
-    choices: tuple[str, ...] = ()
-
-    def allows(self, v: Any) -> bool:
-        if self.choices:
-            return v in self.choices
-        if isinstance(v, float) and v != v:  # NaN
-            return False
-        return not (
-            (self.low is not None and v < self.low)
-            or (self.above is not None and v <= self.above)
-            or (self.high is not None and v > self.high)
-            or (self.below is not None and v >= self.below)
-        )
-
-    def __str__(self) -> str:
-        if self.choices:
-            return "one of " + ", ".join(self.choices)
-        parts = [
-            f">= {self.low:g}" if self.low is not None else "",
-            f"> {self.above:g}" if self.above is not None else "",
-        ]
-        parts += [
-            f"<= {self.high:g}" if self.high is not None else "",
-            f"< {self.below:g}" if self.below is not None else "",
-        ]
-        return " and ".join(p for p in parts if p)
 
 
 POSITIVE, COUNT, SIZE, FRACTION = Limit(above=0), Limit(low=0), Limit(low=1), Limit(low=0, below=1)

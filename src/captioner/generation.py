@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from captioner.errors import ConfigError
+from captioner.limits import Limit
 
 # What an option left unset everywhere means.
 DEFAULTS: dict[str, Any] = {
@@ -60,18 +61,18 @@ class GenerationOptions:
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
             object.__setattr__(self, name, float(value))
-        checks = (
-            ("beam_size", lambda v: v >= 1, "at least 1"),
-            ("n_best", lambda v: v >= 1, "at least 1"),
-            ("no_repeat_ngram", lambda v: v >= 0, "0 (off) or more"),
-            ("max_length", lambda v: v >= 1, "at least 1"),
-            ("temperature", lambda v: v > 0, "above 0"),
-            ("top_p", lambda v: 0 < v <= 1, "above 0 and at most 1"),
-        )
-        for name, ok, wanted in checks:
+        checks = {
+            "beam_size": Limit(low=1),
+            "n_best": Limit(low=1),
+            "no_repeat_ngram": Limit(low=0),  # 0: off
+            "max_length": Limit(low=1),
+            "temperature": Limit(above=0),
+            "top_p": Limit(above=0, high=1),
+        }
+        for name, limit in checks.items():
             value = getattr(self, name)
-            if value is not None and not ok(value):
-                raise ConfigError(f"{name} must be {wanted}, got {value!r}")
+            if value is not None and not limit.allows(value):
+                raise ConfigError(f"{name} must be {limit}, got {value!r}")
         if self.top_p is not None and self.top_p < 1 and self.temperature is None:
             raise ConfigError("top_p applies to sampling: set temperature too")
         searching = self.temperature is None
