@@ -31,6 +31,16 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+LIMITS = {  # the range of each number option
+    "beam_size": Limit(low=1),
+    "n_best": Limit(low=1),
+    "no_repeat_ngram": Limit(low=0),  # 0: off
+    "max_length": Limit(low=1),
+    "temperature": Limit(above=0),
+    "top_p": Limit(above=0, high=1),
+}
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     beam_size: int | None = None  # 1 = greedy
@@ -61,15 +71,7 @@ class GenerationOptions:
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
             object.__setattr__(self, name, float(value))
-        checks = {
-            "beam_size": Limit(low=1),
-            "n_best": Limit(low=1),
-            "no_repeat_ngram": Limit(low=0),  # 0: off
-            "max_length": Limit(low=1),
-            "temperature": Limit(above=0),
-            "top_p": Limit(above=0, high=1),
-        }
-        for name, limit in checks.items():
+        for name, limit in LIMITS.items():
             value = getattr(self, name)
             if value is not None and not limit.allows(value):
                 raise ConfigError(f"{name} must be {limit}, got {value!r}")

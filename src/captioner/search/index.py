@@ -565,6 +565,7 @@ class PhotoIndex:
                 }
                 scored.sort(key=lambda i: -fused[i])
             order = scored + [i for i in order if ids[i] not in loglik]
+        joints = [None] * len(ids) if joint_similarity is None else joint_similarity.tolist()
         return [
             SearchHit(
                 paths[i],
@@ -573,10 +574,8 @@ class PhotoIndex:
                 float(similarity[i]),
                 float(keyword_term[i]),
                 loglik.get(ids[i]),
-                None if joint_similarity is None else float(joint_similarity[i]),
-                good_match(
-                    float(similarity[i]), None if joint_similarity is None else float(joint_similarity[i])
-                ),
+                joints[i],
+                good_match(float(similarity[i]), joints[i]),
             )
             for i in order[:top_k]
         ]

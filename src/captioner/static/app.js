@@ -268,7 +268,7 @@ async function showHits(url, what) {
     list.append(li);
   }
   const n = body.hits.length;
-  const nearest = `${n === 1 ? "the nearest photo" : `the ${n} nearest photos`}`;
+  const nearest = n === 1 ? "the nearest photo" : `the ${n} nearest photos`;
   $("search-status").textContent = !n
     ? `No photos found for ${what}.`
     : body.good_match === false // only searches have it: "more like this" always finds neighbours
