@@ -67,8 +67,8 @@ class SlowRequestTimeout(H11Protocol):
         self._timer = self.loop.call_later(self._allowance(), self._check)
 
     def _stop(self) -> None:
-        if getattr(self, "_timer", None) is not None:
-            self._timer.cancel()  # type: ignore[union-attr]
+        if self._timer is not None:
+            self._timer.cancel()
         self._timer = None
 
     def _allowance(self) -> float:
