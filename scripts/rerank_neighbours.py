@@ -5,12 +5,18 @@ captions of similar training photos also say is more likely right. For each phot
 nearest training photos by cosine similarity of the encoder's pooled features; each of the beam's n best
 gets a consensus score, its mean CIDEr-D against each neighbour's references (document frequencies from
 all training captions); the caption kept maximises beam score + weight * consensus. Weight 0 is the plain
-beam search. Prints the coco-caption scores for every (k, weight):
+beam search. Prints the coco-caption scores and CHAIR (`captioner.hallucination`) for every (k, weight):
 
     python scripts/rerank_neighbours.py ../shared/flickr8k --features features/flickr8k-lite2 \\
         --split val --k 10 25 --weight 0 0.5 1 2 4
+    python scripts/rerank_neighbours.py ../shared/coco-mini --split train --train-root ../shared/flickr8k \\
+        --grounding --beam-size 3 --k 10 --weight 0 2 --dim 0 128
 
-Uses the feature cache (`captioner extract-features`) for both the split and the training photos.
+Uses the feature cache (`captioner extract-features`) for both the split and the training photos where
+`--features` names one, else encodes the photos with the model's encoder. `--train-root`: the data set
+whose train split gives the neighbours (default: the one scored). `--dim D`: neighbours by cosine of the
+pooled features projected on the training features' top D principal components (0: all 1,280 numbers),
+what a captioner that carries its neighbours would store (6,000 x 128 float16 is 1.5 MB).
 """
 
 from __future__ import annotations
@@ -22,9 +28,35 @@ import torch
 from captioner.data import load_dataset
 from captioner.features import FeatureStore, image_key
 from captioner.generation import GenerationOptions
+from captioner.hallucination import chair
+from captioner.images import load_batches
 from captioner.metrics import CaptionScorer, tokenize
 from captioner.model import Captioner
 from captioner.training.scst import CiderD
+
+
+def encode(model: Captioner, examples: list) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """The examples whose photos load, and their pooled and grid features from the model's encoder."""
+    good, pooled, grid = [], [], []
+    with torch.inference_mode():
+        for batch in load_batches([ex.image for ex in examples], model.encoder.preprocess, batch_size=32):
+            if batch.images is not None:
+                p, g = model.encoder(batch.images.to(model.device))
+                good += [examples[i] for i in batch.good]
+                pooled.append(p.cpu())
+                grid.append(g.cpu())
+    return good, torch.cat(pooled), torch.cat(grid)
+
+
+def project(train: torch.Tensor, dim: int):
+    """Unit vectors for cosine similarity: on the top `dim` principal components of `train` (0: none)."""
+    train = train.float()
+    if not dim:
+        return lambda x: torch.nn.functional.normalize(x.float(), dim=1)
+    mean = train.mean(0)
+    torch.manual_seed(0)
+    _, _, v = torch.pca_lowrank(train - mean, q=dim, center=False, niter=6)
+    return lambda x: torch.nn.functional.normalize((x.float() - mean) @ v, dim=1)
 
 
 def main() -> None:
@@ -32,7 +64,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("root")
-    parser.add_argument("--features", required=True)
+    parser.add_argument("--features", help="feature cache of the model's encoder (default: encode)")
+    parser.add_argument("--train-root", help="data set whose train split gives the neighbours")
+    parser.add_argument("--dim", type=int, nargs="+", default=[0], help="principal components (0: all)")
     parser.add_argument("--model", action="append", help="give it twice or more for an ensemble")
     parser.add_argument("--split", default="val")
     parser.add_argument("--beam-size", type=int, default=5, help="also the number of candidates")
@@ -42,21 +76,23 @@ def main() -> None:
     args = parser.parse_args()
 
     data = load_dataset(args.root)
-    train, split = data.split("train"), data.split(args.split)
+    train_data = load_dataset(args.train_root) if args.train_root else data
+    train, split = train_data.split("train"), data.split(args.split)
     model = Captioner.from_pretrained(args.model)
-    store = FeatureStore.open(args.features)
-    store.check_fits(model.encoder.name, model.encoder.preprocess)
-    rows = store.row_of()
-    train = [ex for ex in train if image_key(ex.image, data.root) in rows]
-    split = [ex for ex in split if image_key(ex.image, data.root) in rows]
-    keys = [image_key(ex.image, data.root) for ex in split]
-    train_pooled, _ = store.features([rows[image_key(ex.image, data.root)] for ex in train])
-    pooled, grid = store.features([rows[k] for k in keys])
-
-    # Neighbours: cosine similarity of the pooled features, training photos only.
-    a = torch.nn.functional.normalize(pooled, dim=1)
-    b = torch.nn.functional.normalize(train_pooled, dim=1)
-    nearest = (a @ b.T).topk(max(args.k), dim=1).indices  # [N, max k]
+    if args.features:
+        if args.train_root:
+            parser.error("--features reads one data set's cache: leave out --train-root")
+        store = FeatureStore.open(args.features)
+        store.check_fits(model.encoder.name, model.encoder.preprocess)
+        rows = store.row_of()
+        train = [ex for ex in train if image_key(ex.image, data.root) in rows]
+        split = [ex for ex in split if image_key(ex.image, data.root) in rows]
+        train_pooled, _ = store.features([rows[image_key(ex.image, data.root)] for ex in train])
+        pooled, grid = store.features([rows[image_key(ex.image, data.root)] for ex in split])
+    else:
+        train, train_pooled, _ = encode(model, train)
+        split, pooled, grid = encode(model, split)
+    keys = [str(ex.image) for ex in split]
 
     options = GenerationOptions(
         beam_size=args.beam_size, n_best=args.beam_size, grounding=args.grounding
@@ -70,8 +106,11 @@ def main() -> None:
     tokens = tokenize({str(i): list(ex.captions) for i, ex in enumerate(train)})  # one Java call
     cider = CiderD([[c.split() for c in tokens[str(i)]] for i in range(len(train))])
     scorer = CaptionScorer({k: list(ex.captions) for k, ex in zip(keys, split, strict=True)})
+    references = {k: list(ex.captions) for k, ex in zip(keys, split, strict=True)}
     print(f"{args.split}: {len(keys)} photos, {len(train)} training photos, beam {args.beam_size}")
-    for k in args.k:
+    for dim, k in ((d, k) for d in args.dim for k in args.k):
+        to_unit = project(train_pooled, dim)
+        nearest = (to_unit(pooled) @ to_unit(train_pooled).T).topk(k, dim=1).indices  # [N, k]
         consensus = [
             [sum(cider.score(int(j), text.split()) for j in nearest[i, :k]) / k for text, _ in cands]
             for i, cands in enumerate(candidates)
@@ -82,8 +121,9 @@ def main() -> None:
                 best = max(range(len(cands)), key=lambda c: cands[c][1] + weight * agree[c])
                 chosen[key] = cands[best][0] or "<unk>"
             scores = scorer.score(chosen, metrics=("BLEU-4", "METEOR", "CIDEr"))
+            scores |= chair(chosen, references)
             line = "  ".join(f"{m} {float(v):6.2f}" for m, v in scores.items())
-            print(f"k {k:3d}  weight {weight:4.1f}  {line}", flush=True)
+            print(f"dim {dim or 'all':>4}  k {k:3d}  weight {weight:4.1f}  {line}", flush=True)
 
 
 if __name__ == "__main__":
