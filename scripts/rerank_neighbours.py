@@ -105,8 +105,8 @@ def main() -> None:
 
     tokens = tokenize({str(i): list(ex.captions) for i, ex in enumerate(train)})  # one Java call
     cider = CiderD([[c.split() for c in tokens[str(i)]] for i in range(len(train))])
-    scorer = CaptionScorer({k: list(ex.captions) for k, ex in zip(keys, split, strict=True)})
     references = {k: list(ex.captions) for k, ex in zip(keys, split, strict=True)}
+    scorer = CaptionScorer(references)
     print(f"{args.split}: {len(keys)} photos, {len(train)} training photos, beam {args.beam_size}")
     for dim, k in ((d, k) for d in args.dim for k in args.k):
         to_unit = project(train_pooled, dim)
