@@ -41,14 +41,15 @@ def choose_embedding(
     existing index was made with; else the bundled one if it reads this captioner's features."""
     from captioner.search.joint import JointEmbedding
 
-    if requested == "none" or (requested is None and not index.is_new() and not index.embedding_name()):
+    new = index.is_new()  # read once: a second `captioner index` on the same new database may fill it
+    if requested == "none" or (requested is None and not new and not index.embedding_name()):
         return None, None
     name = _resolved(requested or index.embedding_name() or SEARCH_EMBEDDING)
     model = JointEmbedding.from_pretrained(name)
     try:
         model.check_features(captioner.encoder.name, captioner.encoder.preprocess)
     except CaptionerError:
-        if requested is not None or not index.is_new():
+        if requested is not None or not new:
             raise
         print(
             f"captioner: note: the bundled search embedding does not read {captioner.encoder.name}'s "
