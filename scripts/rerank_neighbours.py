@@ -49,13 +49,13 @@ def encode(model: Captioner, examples: list) -> tuple[list, torch.Tensor, torch.
 
 
 def project(train: torch.Tensor, dim: int):
-    """Unit vectors for cosine similarity: on the top `dim` principal components of `train` (0: none)."""
+    """Unit vectors for cosine similarity: on the top `dim` principal components of `train` (0: none),
+    by exact SVD as `captioner.neighbours.Neighbours.build` finds them."""
     train = train.float()
     if not dim:
         return lambda x: torch.nn.functional.normalize(x.float(), dim=1)
     mean = train.mean(0)
-    torch.manual_seed(0)
-    _, _, v = torch.pca_lowrank(train - mean, q=dim, center=False, niter=6)
+    v = torch.linalg.svd(train - mean, full_matrices=False)[2][:dim].T
     return lambda x: torch.nn.functional.normalize((x.float() - mean) @ v, dim=1)
 
 
@@ -108,22 +108,24 @@ def main() -> None:
     references = {k: list(ex.captions) for k, ex in zip(keys, split, strict=True)}
     scorer = CaptionScorer(references)
     print(f"{args.split}: {len(keys)} photos, {len(train)} training photos, beam {args.beam_size}")
-    for dim, k in ((d, k) for d in args.dim for k in args.k):
+    for dim in args.dim:
         to_unit = project(train_pooled, dim)
-        nearest = (to_unit(pooled) @ to_unit(train_pooled).T).topk(k, dim=1).indices  # [N, k]
-        consensus = [
-            [sum(cider.score(int(j), text.split()) for j in nearest[i, :k]) / k for text, _ in cands]
-            for i, cands in enumerate(candidates)
-        ]
-        for weight in args.weight:
-            chosen = {}
-            for key, cands, agree in zip(keys, candidates, consensus, strict=True):
-                best = max(range(len(cands)), key=lambda c: cands[c][1] + weight * agree[c])
-                chosen[key] = cands[best][0] or "<unk>"
-            scores = scorer.score(chosen, metrics=("BLEU-4", "METEOR", "CIDEr"))
-            scores |= chair(chosen, references)
-            line = "  ".join(f"{m} {float(v):6.2f}" for m, v in scores.items())
-            print(f"dim {dim or 'all':>4}  k {k:3d}  weight {weight:4.1f}  {line}", flush=True)
+        ranked = (to_unit(pooled) @ to_unit(train_pooled).T).topk(max(args.k), dim=1).indices  # [N, max k]
+        for k in args.k:
+            nearest = ranked[:, :k]
+            consensus = [
+                [sum(cider.score(int(j), text.split()) for j in nearest[i]) / k for text, _ in cands]
+                for i, cands in enumerate(candidates)
+            ]
+            for weight in args.weight:
+                chosen = {}
+                for key, cands, agree in zip(keys, candidates, consensus, strict=True):
+                    best = max(range(len(cands)), key=lambda c: cands[c][1] + weight * agree[c])
+                    chosen[key] = cands[best][0] or "<unk>"
+                scores = scorer.score(chosen, metrics=("BLEU-4", "METEOR", "CIDEr"))
+                scores |= chair(chosen, references)
+                line = "  ".join(f"{m} {float(v):6.2f}" for m, v in scores.items())
+                print(f"dim {dim or 'all':>4}  k {k:3d}  weight {weight:4.1f}  {line}", flush=True)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,13 @@ def _decoding_switches(parser: argparse.ArgumentParser) -> None:
         help="decode without the visual labels (captioner.grounding): the decoder alone",
     )
     parser.add_argument(
+        "--no-rerank",
+        action="store_false",
+        dest="rerank",
+        help="keep the beam's own order, not re-ranked by the model's training neighbours' captions "
+        "(captioner.neighbours)",
+    )
+    parser.add_argument(
         "--allow-mid-phrase-end",
         action="store_false",
         dest="whole_phrases",
@@ -242,6 +249,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda or cuda:N")
     v.set_defaults(run=_evaluate)
+
+    nb = sub.add_parser(
+        "neighbours",
+        help="give a checkpoint its training photos, to re-rank the beam by their captions",
+        description="Encode a data set split's photos with the model's encoder and write their keys and "
+        "PTB-tokenized captions into the checkpoint (neighbours.safetensors): beam search then keeps the "
+        "candidate that the nearest photos' captions agree with (captioner.neighbours).",
+    )
+    nb.add_argument("root", help="data set directory (the one the model was trained on)")
+    nb.add_argument(
+        "--model", required=True, help="checkpoint directory to write neighbours.safetensors into"
+    )
+    nb.add_argument("--split", default="train")
+    nb.add_argument("--dim", type=POSITIVE, default=128, help="principal components kept of the features")
+    nb.add_argument("--k", type=POSITIVE, default=10, help="nearest photos a caption is compared with")
+    nb.add_argument("--weight", type=_number(float, low=0), default=2.0, help="of consensus in the ranking")
+    nb.add_argument("--features", default=None, help="feature cache of the model's encoder (faster)")
+    nb.add_argument("--batch-size", type=POSITIVE, default=32)
+    nb.add_argument("--skip-missing", action="store_true")
+    nb.set_defaults(run=_neighbours)
 
     r = sub.add_parser(
         "evaluate-search", help="recall@1/5/10 of the search embedding on a split (the standard protocol)"
@@ -451,6 +478,7 @@ def _caption(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         grounding=args.grounding,
         whole_phrases=args.whole_phrases,
+        rerank=args.rerank,
     )
     return caption_paths(
         args.paths,
@@ -478,6 +506,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             no_repeat_ngram=args.no_repeat_ngram,
             grounding=args.grounding,
             whole_phrases=args.whole_phrases,
+            rerank=args.rerank,
         ),
         batch_size=args.batch_size,
         limit=args.limit,
@@ -487,6 +516,31 @@ def _evaluate(args: argparse.Namespace) -> int:
         skip_missing=args.skip_missing,
         split_file=args.split_file,
         device=args.device,
+    )
+    return 0
+
+
+def _neighbours(args: argparse.Namespace) -> int:
+    from captioner.model import Captioner
+    from captioner.neighbours import from_dataset
+
+    model = Captioner.from_pretrained(args.model, runtime="torch")
+    assert model.path is not None
+    neighbours = from_dataset(
+        model,
+        args.root,
+        split=args.split,
+        dim=args.dim,
+        k=args.k,
+        weight=args.weight,
+        features=args.features,
+        batch_size=args.batch_size,
+        skip_missing=args.skip_missing,
+    )
+    file = neighbours.save(model.path)
+    print(
+        f"wrote {file} ({file.stat().st_size / 2**20:.1f} MB): {neighbours.source}, "
+        f"{neighbours.keys.shape[1]} components, k {neighbours.k}, weight {neighbours.weight:g}"
     )
     return 0
 

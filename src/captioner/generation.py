@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "top_p": 1.0,
     "grounding": True,
     "whole_phrases": True,
+    "rerank": True,
 }
 
 
@@ -54,13 +55,14 @@ class GenerationOptions:
         None  # follow the visual labels (`captioner.grounding`); False: the decoder alone
     )
     whole_phrases: bool | None = None  # never end mid-phrase ("playing in the"): decoding.WholePhrases
+    rerank: bool | None = None  # re-rank the beam by its training neighbours' captions: captioner.neighbours
 
     def __post_init__(self) -> None:
         for name in ("beam_size", "n_best", "no_repeat_ngram", "max_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ConfigError(f"{name} must be a whole number, got {value!r}")
-        for name in ("grounding", "whole_phrases"):
+        for name in ("grounding", "whole_phrases", "rerank"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise ConfigError(f"{name} must be true or false, got {value!r}")

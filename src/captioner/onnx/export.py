@@ -83,6 +83,8 @@ def export_onnx(model: Captioner, out: str | os.PathLike) -> Path:
             onnx = dataclasses.replace(onnx, max_abs_diff=_validate(model, tmp, onnx))
             dataclasses.replace(model.config(), onnx=onnx).write(tmp)
             model.vocab.save(tmp / VOCAB_FILE)
+            if model.neighbours is not None:
+                model.neighbours.save(tmp)
             if model.label_head is not None:
                 linear = model.label_head.classifier
                 tensors = {"weight": linear.weight, "bias": linear.bias}

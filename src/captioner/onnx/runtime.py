@@ -21,6 +21,7 @@ from captioner.generation import GenerationOptions
 from captioner.images import Preprocess
 from captioner.labels import LabelHead
 from captioner.model import Captioner
+from captioner.neighbours import Neighbours
 from captioner.onnx import ENCODER, GRAPHS, INIT, LABELS, STEP
 from captioner.vocab import Vocabulary
 
@@ -123,6 +124,7 @@ class OnnxCaptioner:
         self.generation: GenerationOptions = config.generation
         self.label_head: LabelHead | None = None
         self.labels_unavailable: str | None = "the export has no ImageNet classifier (labels.safetensors)"
+        self.neighbours: Neighbours | None = None
 
     @classmethod
     def from_pretrained(
@@ -170,6 +172,7 @@ class OnnxCaptioner:
         model = cls(encoder, decoder, Vocabulary.load(path / VOCAB_FILE), config)
         if (path / LABELS).exists():
             model.label_head, model.labels_unavailable = load_label_head(path / LABELS), None
+        model.neighbours = Neighbours.load(path)
         return model
 
     @classmethod
@@ -179,7 +182,7 @@ class OnnxCaptioner:
         first = members[0]
         model = cls(first.encoder, Ensemble([m.decoder for m in members]), first.vocab, first.config)
         model.label_head, model.labels_unavailable = first.label_head, first.labels_unavailable
-        model.members = names
+        model.members, model.neighbours = names, first.neighbours
         return model
 
     def eval(self) -> OnnxCaptioner:  # what Captioner.caption_tensors calls on itself

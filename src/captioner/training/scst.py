@@ -37,6 +37,12 @@ def _counts(words: Sequence[str], count_end: bool) -> dict[tuple[str, ...], int]
     return precook(" ".join([*words, END] if count_end else words), NGRAMS)
 
 
+def _ngrams(words: Sequence[str], count_end: bool) -> set[tuple[str, ...]]:
+    """The distinct n-grams of `_counts` (what document frequencies count), without counting them."""
+    w = [*words, END] if count_end else list(words)
+    return {g for n in range(1, NGRAMS + 1) for g in zip(*(w[i:] for i in range(n)), strict=False)}
+
+
 class CiderD:
     """CIDEr-D of candidate captions against fixed references, document frequencies from those references.
 
@@ -46,13 +52,12 @@ class CiderD:
 
     def __init__(self, references: Sequence[Sequence[Sequence[str]]], count_end: bool = True):
         self.count_end = count_end
-        cooked = [[_counts(r, count_end) for r in refs] for refs in references]
         self.df: dict[tuple[str, ...], float] = defaultdict(float)
-        for refs in cooked:
-            for ngram in {g for r in refs for g in r}:
+        for refs in references:  # an image's distinct n-grams: only sets here, the counts when scored
+            for ngram in {g for r in refs for g in _ngrams(r, count_end)}:
                 self.df[ngram] += 1
         self.log_n = math.log(float(len(references)))
-        self._refs = cooked
+        self._refs = references
         self._ref_vectors: dict[int, list] = {}
 
     def _vector(self, counts: dict[tuple[str, ...], int]):
@@ -71,7 +76,7 @@ class CiderD:
     def score(self, image: int, words: Sequence[str]) -> float:
         """CIDEr-D of one caption (a list of words) for reference set `image`."""
         if image not in self._ref_vectors:
-            self._ref_vectors[image] = [self._vector(r) for r in self._refs[image]]
+            self._ref_vectors[image] = [self._vector(_counts(r, self.count_end)) for r in self._refs[image]]
         if not words:
             return 0.0  # nothing said: no reward, whatever the end token would match
         vec, norm, length = self._vector(_counts(words, self.count_end))
