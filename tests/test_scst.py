@@ -3,10 +3,12 @@
 import csv
 
 import pytest
+import torch
+from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
 from captioner.training import train
-from captioner.training.scst import CiderD
+from captioner.training.scst import CiderD, SelfCritical, sentence_bleu4
 from conftest import tiny_config
 
 REFS = [
@@ -37,6 +39,28 @@ def test_the_end_token_makes_a_caption_cut_mid_phrase_lose_reward():
     whole, cut = "a dog runs on the grass".split(), "a dog runs on the".split()
     plain, ended = CiderD(refs, count_end=False), CiderD(refs)
     assert ended.score(0, cut) / ended.score(0, whole) < plain.score(0, cut) / plain.score(0, whole) - 0.1
+
+
+def test_sentence_bleu4_is_coco_captions_bleu4_of_each_caption_alone(capsys):
+    refs = [[r.split() for r in refs] for refs in REFS]
+    ours = sentence_bleu4([c.split() for c in CANDIDATES], refs)
+    for i, candidate in enumerate(CANDIDATES):
+        corpus, _ = Bleu(4).compute_score({0: REFS[i]}, {0: [candidate]}, verbose=0)
+        assert ours[i] == pytest.approx(corpus[3], abs=1e-9)
+    assert max(ours) < 1e-3  # no candidate shares a 4-gram with its references
+    [shares] = sentence_bleu4(["a man rides a bike on the road".split()], refs[2:])
+    assert shares > 0.3  # "a man rides a", "man rides a bike"
+    assert sentence_bleu4([REFS[0][0].split(), []], refs[:2]) == [pytest.approx(1.0), 0.0]
+    assert capsys.readouterr().out == ""  # the scorer's corpus totals are not printed
+
+
+def test_the_mixed_reward_adds_weighted_bleu4_to_cider_d():
+    refs = [[r.split() for r in refs] for refs in REFS]
+    cider, words = CiderD(refs), [c.split() for c in CANDIDATES]
+    mixed = SelfCritical(None, cider, bleu_weight=0.5, references=refs).reward([0, 1, 2], words)
+    plain = SelfCritical(None, cider).reward([0, 1, 2], words)
+    assert plain.tolist() == pytest.approx([cider.score(i, w) for i, w in enumerate(words)])
+    assert mixed.tolist() == pytest.approx((plain + 0.5 * torch.tensor(sentence_bleu4(words, refs))).tolist())
 
 
 def rewards(run_dir):

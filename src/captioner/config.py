@@ -92,6 +92,7 @@ class TrainConfig:
     scst_samples: int = 5  # captions sampled per image
     scst_baseline: str = "mean"  # "mean" of the image's other samples, or its "greedy" caption's reward
     scst_count_end: bool = True  # the end token counts in the reward's n-grams: no captions cut mid-phrase
+    scst_bleu_weight: float = 0.0  # reward CIDEr-D + this x sentence BLEU-4 (0-1); 0: CIDEr-D alone
 
 
 @dataclass
@@ -142,6 +143,7 @@ LIMITS = {
     "train.save_dtype": Limit(choices=("float16", "float32")),
     "train.scst_samples": SIZE,
     "train.scst_baseline": Limit(choices=("mean", "greedy")),
+    "train.scst_bleu_weight": COUNT,
 }
 """Checked as each value is read, so a bad one fails at load time, naming its file (or the command
 line) and key, not an epoch later."""

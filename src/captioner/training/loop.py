@@ -167,7 +167,8 @@ def prepare(config: Config, resume: bool) -> Run:
     source = Source(data.root, model, store, augment=tc.augment)
     if tc.scst:
         references = [[tokenize(c) for c in ex.captions] for ex in train_examples]
-        scst = SelfCritical(model, CiderD(references, tc.scst_count_end), tc.scst_samples, tc.scst_baseline)
+        cider = CiderD(references, tc.scst_count_end)
+        scst = SelfCritical(model, cider, tc.scst_samples, tc.scst_baseline, tc.scst_bleu_weight, references)
         items = source.images(train_examples)
         step: nn.Module = SelfCriticalStep(model, source, scst)
     else:

@@ -18,6 +18,8 @@ it, "two boys are playing in the" scores nearly as well as "... in the water" an
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -120,15 +122,53 @@ def sample_with_log_probs(
     return torch.stack(words, 1), torch.stack(log_probs, 1), torch.stack(masks, 1).float()
 
 
-class SelfCritical:
-    """The SCST loss of a batch of images (what `steps.SelfCriticalStep` computes)."""
+def sentence_bleu4(
+    candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]
+) -> list[float]:
+    """coco-caption's BLEU-4 of each candidate (a list of words) against its references, on 0-1: the
+    per-sentence scores pycocoevalcap's BleuScorer computes on the way to the corpus score (clipped n-gram
+    precisions, brevity penalty against the closest reference length)."""
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 
-    def __init__(self, model, cider: CiderD, samples: int = 5, baseline: str = "mean"):
+    scorer = BleuScorer(n=4)
+    for words, refs in zip(candidates, references, strict=True):
+        scorer += (" ".join(words), [" ".join(r) for r in refs])
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its corpus totals
+        _, per_sentence = scorer.compute_score(option="closest", verbose=0)
+    return [float(b) if words else 0.0 for b, words in zip(per_sentence[3], candidates, strict=True)]
+
+
+class SelfCritical:
+    """The SCST loss of a batch of images (what `steps.SelfCriticalStep` computes). The reward is CIDEr-D,
+    plus `bleu_weight` x sentence BLEU-4 (0-1) against the same references where that is set (a mixed
+    reward: CIDEr-D alone learns the consensus words and leaves BLEU's exact 4-grams behind)."""
+
+    def __init__(
+        self,
+        model,
+        cider: CiderD,
+        samples: int = 5,
+        baseline: str = "mean",
+        bleu_weight: float = 0.0,
+        references: Sequence[Sequence[Sequence[str]]] | None = None,
+    ):
         if baseline not in ("mean", "greedy"):
             raise ConfigError(f"train.scst_baseline: {baseline!r} is not 'mean' or 'greedy'")
         if baseline == "mean" and samples < 2:
             raise ConfigError("train.scst_samples: the mean-of-samples baseline needs at least 2 samples")
+        if bleu_weight and references is None:
+            raise ValueError("a BLEU-4 reward needs the references")
         self.model, self.cider, self.samples, self.baseline = model, cider, samples, baseline
+        self.bleu_weight, self.references = bleu_weight, references
+
+    def reward(self, images: Sequence[int], captions: Sequence[list[str]]) -> torch.Tensor:
+        """The reward of each caption (a list of words) for its image (an index into the references)."""
+        values = [self.cider.score(i, words) for i, words in zip(images, captions, strict=True)]
+        if self.bleu_weight:
+            assert self.references is not None
+            bleu = sentence_bleu4(captions, [self.references[i] for i in images])
+            values = [c + self.bleu_weight * b for c, b in zip(values, bleu, strict=True)]
+        return torch.tensor(values)
 
     def _words(self, ids: list[int]) -> list[str]:
         return self.model.vocab.decode(ids).split()  # up to <end>
@@ -145,15 +185,12 @@ class SelfCritical:
             decoder, pooled.repeat_interleave(k, 0), grid.repeat_interleave(k, 0), **ids
         )
         owners = images.repeat_interleave(k).tolist()
-        reward = torch.tensor(
-            [self.cider.score(i, self._words(row)) for i, row in zip(owners, tokens.tolist(), strict=True)]
-        ).view(-1, k)
+        reward = self.reward(owners, [self._words(row) for row in tokens.tolist()]).view(-1, k)
         if self.baseline == "mean":
             base = (reward.sum(1, keepdim=True) - reward) / (k - 1)
         else:
             best = greedy(decoder, pooled, grid, **ids)  # no graph: the baseline is a constant
-            pairs = zip(images.tolist(), best, strict=True)
-            base = torch.tensor([self.cider.score(i, self._words(h.tokens)) for i, h in pairs]).view(-1, 1)
+            base = self.reward(images.tolist(), [self._words(h.tokens) for h in best]).view(-1, 1)
         advantage = (reward - base).view(-1, 1).to(log_probs.device)
         loss = -(advantage * log_probs * mask).sum() / mask.sum()
         return loss, float(reward.mean())
