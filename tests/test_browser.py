@@ -137,6 +137,7 @@ def test_upload_shows_caption_and_alt_text(page, url, tiny_data):
     assert alt and " ".join(words) == alt
     assert page.text_content("#status") == f"Caption: {alt}"  # announced in the aria-live region
     assert page.locator("#alternatives li").count() == 3
+    assert not page.is_visible("#order")  # the tiny model carries no neighbours: the beam's own order
     labels = page.locator("#labels li").all_inner_texts()  # the encoder's labels, with probabilities
     assert labels and all(text.rstrip("%").split()[-1].isdigit() for text in labels)
     assert page.get_attribute("#alt", "readonly") is not None

@@ -141,6 +141,7 @@ function showResult(body) {
     li.append(alt.caption, score);
     list.append(li);
   }
+  $("order").hidden = !body.rerank; // re-ranked: the order is not the scores' alone
   const labels = $("labels");
   labels.replaceChildren();
   for (const label of body.labels || []) {
