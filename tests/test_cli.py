@@ -153,6 +153,19 @@ def test_evaluate_writes_scores_and_captions(tiny_model, tiny_data, tmp_path, ca
     assert report["images"] == 8 and len(report["captions"]) == 8
     assert all(0 <= v <= 100 for k, v in report["scores"].items() if k.startswith("BLEU"))
     assert isinstance(report["scores"]["SPICE"], str) or report["scores"]["SPICE"] >= 0
+    assert report["decoding"] == {  # every option as decoded: the model's defaults and the library's
+        "beam_size": 3,
+        "n_best": 1,
+        "length_penalty": 0.0,
+        "no_repeat_ngram": 0,
+        "max_length": None,
+        "temperature": None,
+        "top_p": 1.0,
+        "grounding": True,
+        "whole_phrases": True,
+        "rerank": True,
+    }
+    assert report["neighbours"] is None  # the tiny model carries none, so nothing was re-ranked
 
 
 def test_evaluate_puts_several_beams_in_one_table_and_names_its_file_by_model(

@@ -24,7 +24,7 @@ from captioner.data import load_dataset
 from captioner.decoding import ends_mid_phrase
 from captioner.errors import CaptionerError, DataError
 from captioner.features import FeatureStore, image_key
-from captioner.generation import GenerationOptions
+from captioner.generation import DEFAULTS, GenerationOptions
 from captioner.hallucination import chair
 from captioner.images import load_batches
 from captioner.metrics import JAVA_MISSING, CaptionScorer, format_scores, format_table, have_java
@@ -162,6 +162,8 @@ def evaluate_model(
                 "beam_size": beam_size,
                 "resize": captioner.encoder.preprocess.resize,
                 "length_penalty": run.value("length_penalty"),
+                "decoding": {name: run.value(name) for name in DEFAULTS},  # every option, as decoded
+                "neighbours": captioner.neighbours.source if captioner.neighbours is not None else None,
                 "encode_seconds": round(encode_seconds, 1),
                 "decode_seconds": round(decode_seconds, 1),
                 "scores": scores,
