@@ -21,3 +21,14 @@ def test_bundled_model_captions_the_examples_differently():
     for r in results:  # trigram blocking: no three-word sequence twice
         trigrams = list(zip(r.words, r.words[1:], r.words[2:], strict=False))
         assert len(trigrams) == len(set(trigrams)), r.caption
+
+
+def test_bundled_model_vetoes_people_and_birds_by_probe_and_carries_its_neighbours():
+    model = Captioner.from_pretrained()
+    head = model.label_head
+    assert head is not None and list(head.probes) == ["bird", "person"]  # scripts/train_label_probe.py
+    vocab = model.vocab.words
+    vetoed = {word for _, ids, _ in model.grounding_plan().vetoes for word in (vocab[i] for i in ids)}
+    assert {"bird", "birds", "person", "people", "man", "woman"} <= vetoed and "dog" not in vetoed
+    assert model.neighbours is not None and model.neighbours.keys.shape == (6000, 128)
+    assert (model.neighbours.k, model.neighbours.weight) == (10, 2.0)

@@ -93,18 +93,25 @@ def head() -> LabelHead:
     return LabelHead(nn.Linear(4, 1000))
 
 
-def word_probs(**p: float) -> torch.Tensor:
-    h = head()
+def word_probs(h: LabelHead | None = None, **p: float) -> torch.Tensor:
+    h = h or head()
     q = torch.zeros(1, len(h.words))
     for w, v in p.items():
         q[0, h.word_index(w.replace("_", " "))] = v
     return q
 
 
-def decode(q: torch.Tensor | None, settings: GroundingSettings | None = None, beam: int = 3):
+def decode(
+    q: torch.Tensor | None,
+    settings: GroundingSettings | None = None,
+    beam: int = 3,
+    labels: LabelHead | None = None,
+    script: list[list[str]] = SCRIPT,
+):
     settings = settings or GroundingSettings()
-    decoder = Scripted(SCRIPT)
-    wrapped = decoder if q is None else Grounded(decoder, GroundingPlan(head(), WORDS, settings), q)
+    decoder = Scripted(script)
+    plan = GroundingPlan(labels or head(), WORDS, settings)
+    wrapped = decoder if q is None else Grounded(decoder, plan, q)
     wrapped = WithoutWords(wrapped, [ID["<pad>"], ID["<start>"], ID["<unk>"]])
     pooled, grid = torch.zeros(1, 4), torch.zeros(1, 2, 4)
     ids = {"start_id": ID["<start>"], "end_id": ID["<end>"], "max_length": 8}
@@ -164,6 +171,29 @@ def test_a_label_the_vocabulary_lacks_borrows_a_known_words_place(beam):
     # an unconfident label the vocabulary lacks is never said
     for q in (word_probs(dog=0.8, zebra=0.2), word_probs(dog=0.8, microwave=0.2)):
         assert decode(q, beam=beam)[0] == "a dog on grass"
+
+
+def test_a_probed_word_is_vetoed_where_its_probe_is_low_and_keeps_its_imagenet_label():
+    """A probe for a word the ImageNet table also has ("bird"): its own column, read only for the veto."""
+    h = LabelHead(nn.Linear(4, 1000), {"cat": nn.Linear(4, 1)})
+    assert h.word_index("cat") < h.table_size and h.probe_index("cat") == h.table_size == len(h.words) - 1
+    settings, cats = (
+        GroundingSettings(probe_absent=(("cat", 0.5),)),
+        [["a"], ["cat", "dog"], ["on"], ["<end>"]],
+    )
+
+    def probs(probe: float, **table: float) -> torch.Tensor:
+        q = word_probs(h, dog=0.8, **table)
+        q[0, h.probe_index("cat")] = probe
+        return q
+
+    assert decode(probs(0.9), settings, labels=h, script=cats)[0] == "a cat on"  # the probe sees a cat
+    assert decode(probs(0.1), settings, labels=h, script=cats)[0] == "a dog on"  # it sees none: vetoed
+    assert decode(probs(0.1), GroundingSettings(probe_absent=()), labels=h, script=cats)[0] == "a cat on"
+    # the table's "cat" still pays its bonus: a confident ImageNet cat lifts "cat" over a preferred "dog"
+    dogs = [["a"], ["dog", "cat"], ["on"], ["<end>"]]
+    assert decode(probs(0.9, cat=0.9), settings, labels=h, script=dogs)[0] == "a cat on"
+    assert decode(probs(0.9), settings, labels=h, script=dogs)[0] == "a dog on"
 
 
 def test_a_confident_label_gets_its_word_once():

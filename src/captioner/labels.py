@@ -80,8 +80,10 @@ class LabelHead:
         fold = torch.zeros(len(names), len(self.words))
         fold[torch.arange(len(names)), torch.tensor([column[w] for w in words])] = 1.0
         self.classifier, self.fold = classifier, fold
-        # words ImageNet has no class for ("person"): one logistic probe each, columns after the table's
+        # words ImageNet has no class for ("person") or rules out too seldom ("bird"): one logistic probe
+        # each, columns after the table's (a probed word may also be a table word: `probe_index`)
         self.probes = dict(probes or {})
+        self.table_size = len(self.words)
         self.words += list(self.probes)
 
     @torch.no_grad()
@@ -100,16 +102,22 @@ class LabelHead:
         return torch.cat([folded, *(probe(x).sigmoid() for probe in self.probes.values())], dim=1)
 
     def word_index(self, word: str) -> int | None:
+        """The word's column: the ImageNet table's where it has one, else its probe's."""
         try:
             return self.words.index(word)
         except ValueError:
             return None
 
+    def probe_index(self, word: str) -> int | None:
+        """The column of the word's probe, if it has one."""
+        names = list(self.probes)
+        return self.table_size + names.index(word) if word in names else None
+
     def top(self, word_probs: torch.Tensor, k: int = TOP_K, min_p: float = MIN_P) -> list[list[Label]]:
         """The k most probable words of each image, at least `min_p` each, most probable first. Only the
         ImageNet words: a probe's probability is for grounding's vetoes (a low one is informative), and
         away from its training photos it can be high for nothing (the person probe gives a cat 0.99)."""
-        table = word_probs[:, : len(self.words) - len(self.probes)]
+        table = word_probs[:, : self.table_size]
         values, index = table.float().cpu().topk(min(k, table.shape[1]), dim=1)
         return [
             [
