@@ -129,3 +129,22 @@ def test_from_dataset_encodes_when_there_is_no_cache(with_neighbours, tiny_data,
     cached = Neighbours.load(with_neighbours)
     assert encoded.captions == cached.captions
     assert torch.allclose(encoded.keys.abs(), cached.keys.abs(), atol=2e-2)  # a component's sign may flip
+
+
+def test_the_json_api_re_ranks_by_default_and_says_so(with_neighbours, tiny_data):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from captioner.server import create_app
+
+    model = Captioner.from_pretrained(with_neighbours)
+    photo = tiny_data / "images" / "blue_circle_0.jpg"
+    with TestClient(create_app(model)) as client:
+        for form, reranked in (({}, True), ({"rerank": "false"}, False)):
+            files = {"file": (photo.name, photo.read_bytes(), "image/jpeg")}
+            body = client.post("/api/caption", files=files, data=form).json()
+            want = model.caption(photo, beam_size=3, n_best=3, rerank=reranked)
+            assert body["rerank"] is reranked
+            assert [c["caption"] for c in body["captions"]] == [text for text, _ in want.captions]
+        files = {"file": (photo.name, photo.read_bytes(), "image/jpeg")}
+        assert client.post("/api/caption", files=files, params={"rerank": "maybe"}).status_code == 422
