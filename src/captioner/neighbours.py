@@ -156,7 +156,7 @@ class Neighbours:
 
     def consensus(self, nearest: Sequence[int], words: Sequence[str]) -> float:
         """A caption's mean CIDEr-D against the captions of each of the given training photos."""
-        return sum(self.cider.score(int(j), words) for j in nearest) / len(nearest)
+        return self.cider.mean_score([int(j) for j in nearest], words)
 
     def rerank(self, pooled: torch.Tensor, candidates: list[list], words: Callable[[list[int]], list[str]]):
         """Each image's candidate hypotheses (`decoding.Hypothesis`), best first by beam score +

@@ -77,20 +77,28 @@ class CiderD:
 
     def score(self, image: int, words: Sequence[str]) -> float:
         """CIDEr-D of one caption (a list of words) for reference set `image`."""
-        if image not in self._ref_vectors:
-            self._ref_vectors[image] = [self._vector(_counts(r, self.count_end)) for r in self._refs[image]]
+        return self.mean_score([image], words)
+
+    def mean_score(self, images: Sequence[int], words: Sequence[str]) -> float:
+        """The mean CIDEr-D of one caption over several reference sets (its vector made once)."""
         if not words:
             return 0.0  # nothing said: no reward, whatever the end token would match
         vec, norm, length = self._vector(_counts(words, self.count_end))
-        total = 0.0
-        for vec_r, norm_r, length_r in self._ref_vectors[image]:
-            penalty = math.exp(-((length - length_r) ** 2) / (2 * SIGMA**2))
-            for n in range(NGRAMS):
-                dot = sum(min(w, vec_r[n].get(g, 0.0)) * vec_r[n].get(g, 0.0) for g, w in vec[n].items())
-                if norm[n] != 0 and norm_r[n] != 0:
-                    dot /= norm[n] * norm_r[n]
-                total += dot * penalty
-        return 10.0 * total / NGRAMS / len(self._ref_vectors[image])
+        scores = []
+        for image in images:
+            if image not in self._ref_vectors:
+                refs = self._refs[image]
+                self._ref_vectors[image] = [self._vector(_counts(r, self.count_end)) for r in refs]
+            total = 0.0
+            for vec_r, norm_r, length_r in self._ref_vectors[image]:
+                penalty = math.exp(-((length - length_r) ** 2) / (2 * SIGMA**2))
+                for n in range(NGRAMS):
+                    dot = sum(min(w, vec_r[n].get(g, 0.0)) * vec_r[n].get(g, 0.0) for g, w in vec[n].items())
+                    if norm[n] != 0 and norm_r[n] != 0:
+                        dot /= norm[n] * norm_r[n]
+                    total += dot * penalty
+            scores.append(10.0 * total / NGRAMS / len(self._ref_vectors[image]))
+        return sum(scores) / len(scores)
 
 
 def sample_with_log_probs(
