@@ -25,10 +25,15 @@ import tempfile
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from captioner.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from captioner.decoding import Hypothesis
+    from captioner.model import Captioner
 
 NEIGHBOURS_FILE = "neighbours.safetensors"
 
@@ -158,7 +163,12 @@ class Neighbours:
         """A caption's mean CIDEr-D against the captions of each of the given training photos."""
         return self.cider.mean_score([int(j) for j in nearest], words)
 
-    def rerank(self, pooled: torch.Tensor, candidates: list[list], words: Callable[[list[int]], list[str]]):
+    def rerank(
+        self,
+        pooled: torch.Tensor,
+        candidates: list[list[Hypothesis]],
+        words: Callable[[Sequence[int]], list[str]],
+    ) -> list[list[Hypothesis]]:
         """Each image's candidate hypotheses (`decoding.Hypothesis`), best first by beam score +
         weight * consensus; `words(tokens)` spells a hypothesis (a borrowed label may be two words)."""
         out = []
@@ -169,7 +179,7 @@ class Neighbours:
 
 
 def from_dataset(
-    model,
+    model: Captioner,
     root: str | os.PathLike,
     *,
     split: str = "train",
