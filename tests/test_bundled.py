@@ -31,4 +31,4 @@ def test_bundled_model_vetoes_people_and_birds_by_probe_and_carries_its_neighbou
     vetoed = {word for _, ids, _ in model.grounding_plan().vetoes for word in (vocab[i] for i in ids)}
     assert {"bird", "birds", "person", "people", "man", "woman"} <= vetoed and "dog" not in vetoed
     assert model.neighbours is not None and model.neighbours.keys.shape == (6000, 128)
-    assert (model.neighbours.k, model.neighbours.weight) == (10, 2.0)
+    assert (model.neighbours.k, model.neighbours.weight) == (10, 4.0)

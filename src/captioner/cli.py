@@ -264,7 +264,7 @@ def _parser() -> argparse.ArgumentParser:
     nb.add_argument("--split", default="train")
     nb.add_argument("--dim", type=POSITIVE, default=128, help="principal components kept of the features")
     nb.add_argument("--k", type=POSITIVE, default=10, help="nearest photos a caption is compared with")
-    nb.add_argument("--weight", type=_number(float, low=0), default=2.0, help="of consensus in the ranking")
+    nb.add_argument("--weight", type=_number(float, low=0), default=4.0, help="of consensus in the ranking")
     nb.add_argument("--features", default=None, help="feature cache of the model's encoder (faster)")
     nb.add_argument("--batch-size", type=POSITIVE, default=32)
     nb.add_argument("--skip-missing", action="store_true")

@@ -5,7 +5,7 @@ wrote for the training photos most like this one are evidence of what this one s
 `Neighbours` re-ranks its beam: each candidate gets a consensus score, its mean CIDEr-D against the
 references of each of the `k` nearest training photos (cosine similarity of the encoder's pooled features),
 and the caption kept maximises beam score + weight * consensus. docs/experiments.md section 13 measures it
-(k 10 and weight 2 chosen on Flickr8k dev).
+(k 10 and weight 4 chosen on Flickr8k dev and coco-mini).
 
 The neighbours are the training photos' pooled features on their top principal components (128 of 1,280
 numbers, float16: 1.5 MB for Flickr8k's 6,000 photos) and their PTB-tokenized captions, in one file
@@ -49,7 +49,7 @@ class Neighbours:
         captions: Sequence[Sequence[str]],
         *,
         k: int = 10,
-        weight: float = 2.0,
+        weight: float = 4.0,
         source: str = "",
     ):
         features, dim = basis.shape
@@ -75,7 +75,7 @@ class Neighbours:
         *,
         dim: int = 128,
         k: int = 10,
-        weight: float = 2.0,
+        weight: float = 4.0,
         source: str = "",
     ) -> Neighbours:
         """From the training photos' pooled features [N, F] and tokenized captions; `dim` principal
@@ -185,7 +185,7 @@ def from_dataset(
     split: str = "train",
     dim: int = 128,
     k: int = 10,
-    weight: float = 2.0,
+    weight: float = 4.0,
     features: str | None = None,
     batch_size: int = 32,
     skip_missing: bool = False,
