@@ -32,6 +32,7 @@ from captioner.hallucination import chair
 from captioner.images import load_batches
 from captioner.metrics import CaptionScorer, tokenize
 from captioner.model import Captioner
+from captioner.neighbours import principal_components
 from captioner.training.scst import CiderD
 
 
@@ -50,13 +51,11 @@ def encode(model: Captioner, examples: list) -> tuple[list, torch.Tensor, torch.
 
 def project(train: torch.Tensor, dim: int):
     """Unit vectors for cosine similarity: on the top `dim` principal components of `train` (0: none),
-    by exact SVD as `captioner.neighbours.Neighbours.build` finds them."""
-    train = train.float()
+    as `captioner.neighbours.Neighbours.build` finds them."""
     if not dim:
         return lambda x: torch.nn.functional.normalize(x.float(), dim=1)
-    mean = train.mean(0)
-    v = torch.linalg.svd(train - mean, full_matrices=False)[2][:dim].T
-    return lambda x: torch.nn.functional.normalize((x.float() - mean) @ v, dim=1)
+    mean, basis = principal_components(train.float(), dim)
+    return lambda x: torch.nn.functional.normalize((x.float() - mean) @ basis, dim=1)
 
 
 def main() -> None:

@@ -38,6 +38,16 @@ if TYPE_CHECKING:
 NEIGHBOURS_FILE = "neighbours.safetensors"
 
 
+def principal_components(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean [F] of the rows of `x` [N, F] and their top `dim` principal directions [F, dim], by exact
+    SVD (the same every time)."""
+    if not 1 <= dim <= min(x.shape):
+        raise ConfigError(f"neighbours: dim must be from 1 to {min(x.shape)}, got {dim}")
+    mean = x.mean(0)
+    _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
+    return mean, vh[:dim].T.contiguous()
+
+
 class Neighbours:
     """Training photos' keys and captions, and the consensus re-ranking they allow."""
 
@@ -81,11 +91,7 @@ class Neighbours:
         """From the training photos' pooled features [N, F] and tokenized captions; `dim` principal
         components (exact SVD: the same keys every time), at most min(N, F)."""
         x = pooled.float()
-        if not 1 <= dim <= min(x.shape):
-            raise ConfigError(f"neighbours: dim must be from 1 to {min(x.shape)}, got {dim}")
-        mean = x.mean(0)
-        _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
-        basis = vh[:dim].T.contiguous()
+        mean, basis = principal_components(x, dim)
         keys = torch.nn.functional.normalize((x - mean) @ basis, dim=1)
         return cls(mean, basis, keys, captions, k=k, weight=weight, source=source)
 
