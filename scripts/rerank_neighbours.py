@@ -26,27 +26,22 @@ import argparse
 import torch
 
 from captioner.data import load_dataset
+from captioner.evaluate import encode_images
 from captioner.features import FeatureStore, image_key
 from captioner.generation import GenerationOptions
 from captioner.hallucination import chair
-from captioner.images import load_batches
 from captioner.metrics import CaptionScorer, tokenize
 from captioner.model import Captioner
 from captioner.neighbours import principal_components
 from captioner.training.scst import CiderD
 
 
-def encode(model: Captioner, examples: list) -> tuple[list, torch.Tensor, torch.Tensor]:
-    """The examples whose photos load, and their pooled and grid features from the model's encoder."""
-    good, pooled, grid = [], [], []
-    with torch.inference_mode():
-        for batch in load_batches([ex.image for ex in examples], model.encoder.preprocess, batch_size=32):
-            if batch.images is not None:
-                p, g = model.encoder(batch.images.to(model.device))
-                good += [examples[i] for i in batch.good]
-                pooled.append(p.cpu())
-                grid.append(g.cpu())
-    return good, torch.cat(pooled), torch.cat(grid)
+def encode(
+    model: Captioner, examples: list, keep_grid: bool = True
+) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """The examples whose photos load, and their pooled (and grid) features from the model's encoder."""
+    ok, pooled, grid, _ = encode_images(model, [ex.image for ex in examples], keep_grid=keep_grid)
+    return [examples[i] for i in ok], pooled.cpu(), grid.cpu()
 
 
 def project(train: torch.Tensor, dim: int):
@@ -86,10 +81,10 @@ def main() -> None:
         rows = store.row_of()
         train = [ex for ex in train if image_key(ex.image, data.root) in rows]
         split = [ex for ex in split if image_key(ex.image, data.root) in rows]
-        train_pooled, _ = store.features([rows[image_key(ex.image, data.root)] for ex in train])
+        train_pooled = store.pooled_features([rows[image_key(ex.image, data.root)] for ex in train])
         pooled, grid = store.features([rows[image_key(ex.image, data.root)] for ex in split])
     else:
-        train, train_pooled, _ = encode(model, train)
+        train, train_pooled, _ = encode(model, train, keep_grid=False)
         split, pooled, grid = encode(model, split)
     keys = [str(ex.image) for ex in split]
 

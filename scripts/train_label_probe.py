@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -45,8 +44,7 @@ def pooled_features(encoder, paths) -> tuple[list[int], torch.Tensor]:
 def cached_features(store: FeatureStore, examples, root) -> tuple[list[int], torch.Tensor]:
     rows = store.row_of()
     good = [i for i, e in enumerate(examples) if image_key(e.image, root) in rows]
-    keys = [rows[image_key(examples[i].image, root)] for i in good]
-    return good, torch.from_numpy(np.asarray(store.pooled[keys], dtype=np.float32))
+    return good, store.pooled_features([rows[image_key(examples[i].image, root)] for i in good])
 
 
 def main() -> None:

@@ -32,9 +32,14 @@ from captioner.model import DEFAULT_MODEL, Captioner
 
 
 def encode_images(
-    model: Captioner, paths: Sequence[Path], batch_size: int = 32, progress: bool = False
+    model: Captioner,
+    paths: Sequence[Path],
+    batch_size: int = 32,
+    progress: bool = False,
+    keep_grid: bool = True,
 ) -> tuple[list[int], torch.Tensor, torch.Tensor, dict[int, str]]:
-    """Encoder features of the readable images: (their indices, pooled, grid, {index: error})."""
+    """Encoder features of the readable images: (their indices, pooled, grid, {index: error}); without
+    `keep_grid` the grid is left empty (for many photos it is 80 times the pooled vectors' size)."""
     ok: list[int] = []
     pooled, grid, errors = [], [], {}
     model.eval()
@@ -46,11 +51,12 @@ def encode_images(
                 p, g = model.encoder(batch.images.to(model.device))
                 ok.extend(batch.good)
                 pooled.append(p)
-                grid.append(g)
+                if keep_grid:
+                    grid.append(g)
             bar.update(len(batch.rows))
     if not ok:
         return ok, torch.empty(0), torch.empty(0), errors
-    return ok, torch.cat(pooled), torch.cat(grid), errors
+    return ok, torch.cat(pooled), torch.cat(grid) if keep_grid else torch.empty(0), errors
 
 
 def decode(

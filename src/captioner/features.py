@@ -79,10 +79,11 @@ class FeatureStore:
 
     def features(self, rows: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         rows = np.asarray(rows)
-        return (
-            torch.from_numpy(np.asarray(self.pooled[rows], dtype=np.float32)),
-            torch.from_numpy(np.asarray(self.grid[rows], dtype=np.float32)),
-        )
+        return self.pooled_features(rows), torch.from_numpy(np.asarray(self.grid[rows], dtype=np.float32))
+
+    def pooled_features(self, rows: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """The pooled vectors alone [len(rows), F]: without the grids, 80 times their size."""
+        return torch.from_numpy(np.asarray(self.pooled[np.asarray(rows)], dtype=np.float32))
 
 
 def image_key(path: Path, root: Path) -> str:

@@ -201,12 +201,10 @@ def from_dataset(
     cache of the same encoder), and their captions, PTB-tokenized as the metrics tokenize them."""
     import sys
 
-    from tqdm import tqdm
-
     from captioner.data import load_dataset
     from captioner.errors import DataError
+    from captioner.evaluate import encode_images
     from captioner.features import FeatureStore, image_key
-    from captioner.images import load_batches
     from captioner.metrics import tokenize
 
     data = load_dataset(Path(root), skip_missing=skip_missing)
@@ -224,25 +222,15 @@ def from_dataset(
                 f"{features}: {len(missing)} {split} photos are not in the cache, e.g. {missing[0]}"
             )
         ok = list(range(len(examples)))
-        import numpy as np
-
-        pooled = torch.from_numpy(np.asarray(store.pooled[[rows[key] for key in keys]], dtype=np.float32))
+        pooled = store.pooled_features([rows[key] for key in keys])
     else:
-        ok, chunks = [], []
-        bar = tqdm(total=len(examples), unit="img", desc="encoding", disable=not progress, mininterval=1.0)
-        with torch.inference_mode(), bar:
-            for batch in load_batches(
-                [ex.image for ex in examples], model.encoder.preprocess, batch_size=batch_size
-            ):
-                for message in batch.errors.values():
-                    print(f"error: {message}", file=sys.stderr)
-                if batch.images is not None:
-                    chunks.append(model.encoder(batch.images.to(model.device))[0].cpu())
-                    ok.extend(batch.good)
-                bar.update(len(batch.rows))
+        paths = [ex.image for ex in examples]
+        ok, pooled, _, errors = encode_images(model, paths, batch_size, progress, keep_grid=False)
+        for message in errors.values():
+            print(f"error: {message}", file=sys.stderr)
         if not ok:
             raise DataError(f"{data.root}: none of the {split} photos could be read")
-        pooled = torch.cat(chunks)
+        pooled = pooled.cpu()
     tokens = tokenize({str(i): list(examples[i].captions) for i in ok})
     source = f"{data.root.name} {split} split, {len(ok)} photos"
     return Neighbours.build(pooled, [tokens[str(i)] for i in ok], dim=dim, k=k, weight=weight, source=source)
