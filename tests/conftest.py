@@ -132,7 +132,7 @@ def tiny_model(tiny_data, tiny_features, tmp_path_factory) -> Path:
     return train(tiny_config(tiny_data, tiny_features, out, epochs=6), progress=False)
 
 
-def tiny_joint_config(tiny_data: Path, features: Path, out: Path, **train):
+def tiny_joint_config(tiny_data: Path, features: Path, out: Path, embedding: dict | None = None, **train):
     """A small search-embedding config (train.task search) over the tiny data set's feature cache."""
     from captioner.config import from_dict
 
@@ -140,7 +140,7 @@ def tiny_joint_config(tiny_data: Path, features: Path, out: Path, **train):
         {
             "data": {"root": str(tiny_data), "features": str(features)},
             "encoder": {"name": "efficientnet_lite0"},
-            "embedding": {"embed_dim": 32, "hidden_dim": 64, "dropout": 0.1},
+            "embedding": {"embed_dim": 32, "hidden_dim": 64, "dropout": 0.1, **(embedding or {})},
             "train": {
                 "task": "search",
                 "out_dir": str(out),
@@ -159,7 +159,9 @@ def tiny_embedding(tiny_data, tiny_features, tmp_path_factory) -> Path:
     """A search embedding trained on the tiny data set's (EfficientNet-Lite0) features: its best folder."""
     from captioner.search.train_joint import train_joint
 
-    return train_joint(tiny_joint_config(tiny_data, tiny_features, tmp_path_factory.mktemp("joint")))
+    # with word vectors, as the bundled one: every index and search test reads them
+    words = {"word_dim": 8, "word_min_count": 1}
+    return train_joint(tiny_joint_config(tiny_data, tiny_features, tmp_path_factory.mktemp("joint"), words))
 
 
 @contextlib.contextmanager

@@ -64,6 +64,32 @@ def test_checkpoint_round_trip(trained, tmp_path):
     assert json.loads((best / "config.json").read_text())["encoder"] == "efficientnet_lite0"
 
 
+def test_word_vectors_are_saved_read_and_used(trained, tmp_path):
+    best, _ = trained
+    model = JointEmbedding.from_pretrained(best)
+    assert model.config.word_dim == 8 and (best / "words.json").is_file()
+    assert model.words[:2] == ["<pad>", "<unk>"] and "red" in model.words
+    ids = model.word_ids(["A red square.", "a zzzz"])
+    assert ids[0, :3].tolist() == [model.word_index[w] for w in ("a", "red", "square")] and ids[0, 3] == 0
+    assert ids[1, 1] == 1  # a word the list lacks
+    vectors = np.random.rand(2, 384).astype("f4")
+    a = model.texts(vectors[[0, 0]], ["a red square", "a blue square"])
+    assert not np.allclose(a[0], a[1], atol=1e-3)  # same MiniLM vector, other words: another point
+    model.save_pretrained(tmp_path / "copy")
+    b = JointEmbedding.from_pretrained(tmp_path / "copy").texts(
+        vectors[[0, 0]], ["a red square", "a blue square"]
+    )
+    assert np.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="2 sentences for 1 vectors"):
+        model.texts(vectors[:1], ["a", "b"])
+    (tmp_path / "copy" / "words.json").unlink()
+    with pytest.raises(CheckpointError, match="words.json is missing"):
+        JointEmbedding.from_pretrained(tmp_path / "copy")
+    (tmp_path / "copy" / "words.json").write_text('{"a": 1}')
+    with pytest.raises(CheckpointError, match="not a list"):
+        JointEmbedding.from_pretrained(tmp_path / "copy")
+
+
 def test_a_captioner_is_not_a_search_embedding(tiny_model):
     with pytest.raises(CheckpointError, match="not a search embedding"):
         JointEmbedding.from_pretrained(tiny_model)

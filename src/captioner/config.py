@@ -62,6 +62,8 @@ class EmbeddingConfig:
     grid: bool = True  # attention-pool the encoder's grid beside the pooled vector
     dropout: float = 0.1
     hard_margin: float = 0.0  # > 0: add VSE++'s hardest-negative hinge with this margin to InfoNCE
+    word_dim: int = 0  # > 0: learned word vectors of this size beside MiniLM's sentence vector
+    word_min_count: int = 3  # the word vectors' words: those in at least this many training captions
 
 
 @dataclass
@@ -124,6 +126,8 @@ LIMITS = {
     "embedding.hidden_dim": SIZE,
     "embedding.dropout": FRACTION,
     "embedding.hard_margin": COUNT,
+    "embedding.word_dim": COUNT,
+    "embedding.word_min_count": COUNT,
     "train.task": Limit(choices=("caption", "search")),
     "train.epochs": SIZE,
     "train.max_steps": COUNT,

@@ -95,7 +95,7 @@ def evaluate_search(
         for caption in examples[i].captions[:queries]:
             texts.append(caption)
             photo_of.append(column)
-    similarity = model.texts(embed(texts)) @ photos.T
+    similarity = model.texts(embed(texts), texts) @ photos.T
     scores = retrieval_scores(similarity, np.array(photo_of))
     result = {
         "data": str(root),

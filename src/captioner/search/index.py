@@ -546,7 +546,7 @@ class PhotoIndex:
         similarity = matrix @ sentence[0]
         joint_similarity = None
         if self._joint is not None and photos is not None and joint > 0:
-            joint_similarity = photos @ self._joint.texts(sentence)[0]
+            joint_similarity = photos @ self._joint.texts(sentence, [query])[0]
         score, keyword_term = fuse(
             similarity, [matches.get(i) for i in ids], semantic, keyword, joint_similarity, joint
         )

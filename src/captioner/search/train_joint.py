@@ -16,6 +16,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from captioner.errors import ConfigError, TrainingRunError
 from captioner.features import FeatureStore, image_key
 from captioner.search.embedder import embed
 from captioner.search.joint import JointConfig, JointEmbedding, contrastive_loss, recall_at
+from captioner.vocab import tokenize
 
 STATE_FILE = "training_state.pt"
 
@@ -76,7 +78,15 @@ def sentence_vectors(captions: list[str], cache_dir: Path) -> np.ndarray:
 def evaluate(model: JointEmbedding, store: FeatureStore, split: Split, text: np.ndarray) -> dict:
     grid = store.grid[split.rows] if model.config.grid else None
     photos = model.images(store.pooled[split.rows], grid)
-    return recall_at(model.texts(text) @ photos.T, split.photo)
+    return recall_at(model.texts(text, split.captions) @ photos.T, split.photo)
+
+
+def word_list(captions: list[str], min_count: int) -> list[str]:
+    """The word vectors' words: in at least `min_count` captions, most frequent first (ties alphabetical);
+    index 0 pads and 1 stands for any other word."""
+    counts = Counter(w for caption in captions for w in set(tokenize(caption)))
+    kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+    return ["<pad>", "<unk>", *kept]
 
 
 def train_joint(config: Config, resume: bool = False) -> Path:
@@ -102,8 +112,10 @@ def train_joint(config: Config, resume: bool = False) -> Path:
         hidden_dim=ec.hidden_dim,
         grid=ec.grid,
         dropout=ec.dropout,
+        word_dim=ec.word_dim,
     )
-    model = JointEmbedding(joint)
+    model = JointEmbedding(joint, word_list(train.captions, ec.word_min_count) if ec.word_dim else None)
+    word_ids = model.word_ids(train.captions) if ec.word_dim else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     steps_per_epoch = math.ceil(len(train.rows) / tc.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(  # cosine to zero over the run, after a short warm-up
@@ -140,8 +152,9 @@ def train_joint(config: Config, resume: bool = False) -> Path:
             p = torch.from_numpy(np.asarray(pooled[rows], dtype=np.float32))
             g = torch.from_numpy(np.asarray(grid[rows], dtype=np.float32)) if joint.grid else None
             t = torch.from_numpy(text_train[picks])
+            ids = word_ids[picks] if word_ids is not None else None
             loss = contrastive_loss(
-                model.embed_images(p, g), model.embed_texts(t), model.log_scale, ec.hard_margin
+                model.embed_images(p, g), model.embed_texts(t, ids), model.log_scale, ec.hard_margin
             )
             optimizer.zero_grad()
             loss.backward()
