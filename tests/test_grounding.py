@@ -248,3 +248,19 @@ def test_chair_counts_on_hand_made_captions():
     assert scores["CHAIR-i"] == pytest.approx(100 * 3 / 6)  # dog, pizza | dog | person, cat, dog
     assert scores["grounded"] == pytest.approx(100 * 3 / 4)
     assert sorted(invented_objects(captions, refs)) == ["cat", "dog", "dog"]
+
+
+def test_the_article_before_a_label_word_agrees_with_it():
+    from captioner import Captioner
+    from captioner.model import article
+
+    assert [article(w) for w in ("elephant", "ice cream", "umbrella", "unicycle", "uniform", "dog")] == [
+        "an", "an", "an", "a", "a", "a",
+    ]  # fmt: skip
+    model = Captioner.from_pretrained("flickr8k")
+    plan, index = model.grounding_plan(), model.vocab.index
+    extra = len(model.vocab.words) + plan.extra_words.index("alligator")  # a label Flickr8k never taught
+    assert model.decode([index["a"], extra]) == "an alligator"  # "a" was chosen for the dog it stands for
+    assert model.decode([index["a"], index["elephant"]]) == "an elephant"  # a label word in the vocabulary
+    assert model.decode([index["an"], index["dog"]]) == "a dog"
+    assert model.decode([index["a"], index["in"]]) == "a in"  # the decoder's own words are left as they are

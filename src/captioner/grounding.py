@@ -54,7 +54,7 @@ class GroundingSettings:
     present: float = 0.3  # a label at least this probable is in the photo
     absent: float = 0.1  # a contradictable word (or all animals together) this improbable is not
     penalty: float = 8.0  # nats taken off a contradicted word
-    bonus: float = 3.0  # nats added to a confident label's word until the caption says it (0: off)
+    bonus: float = 5.0  # nats added to a confident label's word until the caption says it (0: off)
     confident: float = 0.6  # how probable a label must be for the bonus
     # a probed word's probe below its threshold: none of its words (3% of Flickr8k dev's birds fall below)
     probe_absent: tuple[tuple[str, float], ...] = (("person", 0.05), ("bird", 0.055))
@@ -107,6 +107,7 @@ class GroundingPlan:
         # label words the vocabulary can say in one token: (label column, ids of the word and its plural);
         # the ImageNet table's words only: a probe ("person") is for vetoes, never a bonus
         known = {c: w for c, w in enumerate(head.words[: head.table_size])}
+        self.label_words = frozenset(known.values())  # Captioner.words fixes the article before them
         one_token = {c: w for c, w in known.items() if " " not in w and w in index}
         self.sayable = [(c, ids(_forms(w))) for c, w in one_token.items()]
         # label words it cannot say get extra ids after the vocabulary's, each fed as a word it knows

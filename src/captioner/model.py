@@ -382,10 +382,18 @@ class Captioner(nn.Module):
 
     def words(self, tokens: Sequence[int]) -> list[str]:
         """A hypothesis's ids -> words. Ids past the vocabulary are label words grounded decoding
-        borrowed (`GroundingPlan.extra_words`); a borrowed label may be two words ("parking meter")."""
+        borrowed (`GroundingPlan.extra_words`); a borrowed label may be two words ("parking meter").
+        A label word that took another's place keeps the article the decoder chose for that word
+        ("a" for the dog's "a elephant"): the article before a label word is made to agree with it."""
         plan = getattr(self, "_grounding_plan", None)
         extra, n = (plan.extra_words if plan is not None else []), len(self.vocab.words)
-        return [self.vocab.words[t] if t < n else extra[t - n] for t in tokens]
+        words = [self.vocab.words[t] if t < n else extra[t - n] for t in tokens]
+        if plan is None:
+            return words
+        for i in range(len(words) - 1):
+            if words[i] in ("a", "an") and words[i + 1] in plan.label_words:
+                words[i] = article(words[i + 1])
+        return words
 
     def decode(self, tokens: Sequence[int]) -> str:
         """A hypothesis's ids (no <start>, <end> or <pad>: see decoding.Hypothesis) -> caption text."""
@@ -441,6 +449,12 @@ class Captioner(nn.Module):
         )
         results = self.caption_tensors(batch, options, **kwargs)
         return results[0] if single else results
+
+
+def article(word: str) -> str:
+    """The article before `word`, by its spelling: "an elephant", "an ice cream", "a unicycle"."""
+    vowel = word[:1] in "aeiou" and not word.startswith(("uni", "uku", "use", "uti", "eu", "one"))
+    return "an" if vowel else "a"
 
 
 def _is_url(source: object) -> TypeGuard[str]:
