@@ -64,6 +64,7 @@ class EmbeddingConfig:
     hard_margin: float = 0.0  # > 0: add VSE++'s hardest-negative hinge with this margin to InfoNCE
     word_dim: int = 0  # > 0: learned word vectors of this size beside MiniLM's sentence vector
     word_min_count: int = 3  # the word vectors' words: those in at least this many training captions
+    word_dropout: float = 0.0  # in training, each word left out of the word vectors' mean at this rate
 
 
 @dataclass
@@ -128,6 +129,7 @@ LIMITS = {
     "embedding.hard_margin": COUNT,
     "embedding.word_dim": COUNT,
     "embedding.word_min_count": COUNT,
+    "embedding.word_dropout": FRACTION,
     "train.task": Limit(choices=("caption", "search")),
     "train.epochs": SIZE,
     "train.max_steps": COUNT,

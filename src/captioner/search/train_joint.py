@@ -153,6 +153,8 @@ def train_joint(config: Config, resume: bool = False) -> Path:
             g = torch.from_numpy(np.asarray(grid[rows], dtype=np.float32)) if joint.grid else None
             t = torch.from_numpy(text_train[picks])
             ids = word_ids[picks] if word_ids is not None else None
+            if ids is not None and ec.word_dropout > 0:  # lean on MiniLM too, as for words the list lacks
+                ids = ids.masked_fill(torch.rand(ids.shape) < ec.word_dropout, 0)
             loss = contrastive_loss(
                 model.embed_images(p, g), model.embed_texts(t, ids), model.log_scale, ec.hard_margin
             )
