@@ -8,8 +8,8 @@ RRF_K = 60  # reciprocal rank fusion's constant, as in Cormack et al. (2009)
 KEYWORD_WEIGHT = 0.5  # of the keyword ranking against the semantic one (1.0): see fuse
 # A hit whose match_score is below these is "no good match" (the search says so, and still shows it):
 # chosen on Flickr8k dev and coco-mini by scripts/match_threshold.py (docs/experiments.md).
-GOOD_MATCH = 0.406  # with a search embedding
-GOOD_MATCH_CAPTIONS = 0.398  # for an index made without one
+GOOD_MATCH = 0.441  # with a search embedding
+GOOD_MATCH_CAPTIONS = 0.379  # for an index made without one
 
 
 def ranks_of(scores: np.ndarray) -> np.ndarray:
