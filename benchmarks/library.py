@@ -226,8 +226,8 @@ def render(r: dict) -> list[str]:
         "",
         f"Each figure from `python benchmarks/library.py` (run by `benchmarks/run.py`): the code at commit "
         f"`{r['baseline']}` and this code take turns on the same files; best of their turns. Beam 3, the "
-        "default model, each version's own defaults (batch 16; one loader process before; none now on two "
-        "cores).",
+        "default model, each version's own defaults (batch 16; one loader process before; on two cores now "
+        "none, two threads of the model's process decoding ahead of it).",
         "",
         "| images | before (images/s) | now (images/s) | speed-up | same captions |",
         "|---|---:|---:|---:|---|",
@@ -244,7 +244,8 @@ def render(r: dict) -> list[str]:
             lines += [f"- {before} -> {now}" for before, now in e["differing"]]
     lines += [
         "",
-        "This code: images/s by threads, loader processes and batch size.",
+        "This code: images/s by torch threads, loader processes (0: two decoding threads in the model's "
+        "process) and batch size.",
         "",
         "| photos | threads | loader processes | batch | images/s |",
         "|---|---:|---:|---:|---:|",

@@ -329,19 +329,54 @@ def test_draft_leaves_other_formats_alone() -> None:
     assert load_image(out.getvalue(), min_side=50).size == (400, 200)
 
 
-def test_loader_processes_where_there_are_cores_or_large_photos(tmp_path: Path, monkeypatch) -> None:
+def test_loader_processes_only_where_there_are_cores_to_spare(monkeypatch) -> None:
     from captioner import images
 
-    small, large = tmp_path / "small.jpg", tmp_path / "large.jpg"
-    small.write_bytes(b"x" * 20_000)  # a 224 px JPEG's size
-    with open(large, "wb") as f:  # a phone photo's
-        f.truncate(images.LARGE_FILE + 1)
     monkeypatch.setattr(images.os, "cpu_count", lambda: 2)
-    assert images.loader_workers([small] * 4, range(4), 4) == 0  # read in the model's process
-    assert images.loader_workers([large] * 3 + [small], range(4), 4) == 2
-    assert images.loader_workers([tmp_path / "missing.jpg"], range(1), 1) == 0
+    assert images.loader_workers() == 0  # threads of the model's process decode
     monkeypatch.setattr(images.os, "cpu_count", lambda: 8)
-    assert images.loader_workers([small] * 4, range(4), 4) == 2
+    assert images.loader_workers() == 2
+
+
+class _Counted:
+    """A stand-in for ImageFiles that records which items were read."""
+
+    def __init__(self, n: int):
+        self.n, self.read = n, set()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        self.read.add(i)
+        return i, f"item {i}"
+
+
+def test_threaded_loading_keeps_order_and_reads_at_most_two_batches_ahead() -> None:
+    from captioner.images import _threaded
+
+    files = _Counted(100)
+    batches = _threaded(files, 4, 2)  # type: ignore[arg-type]
+    first = next(batches)
+    assert [r for r, _ in first] == [0, 1, 2, 3]
+    assert len(files.read) <= 4 + 2 * 4  # the batch taken and at most two batches queued behind it
+    batches.close()  # the caller stops: nothing more is read
+    read = len(files.read)
+    assert read < 100 and len(files.read) == read
+    files = _Counted(10)
+    assert [r for batch in _threaded(files, 4, 3) for r, _ in batch] == list(range(10))  # type: ignore[arg-type]
+
+
+def test_threaded_batches_keep_going_past_a_bad_file(tmp_path: Path) -> None:
+    from captioner.images import load_batches
+
+    paths = [tmp_path / f"{i}.jpg" for i in range(5)]
+    for i, p in enumerate(paths):
+        Image.new("RGB", (40, 30), RED).save(p) if i != 2 else p.write_bytes(b"not a jpeg")
+    batches = list(load_batches(paths, Preprocess(size=32), batch_size=2, num_workers=0))
+    assert [b.rows for b in batches] == [[0, 1], [2, 3], [4]]
+    assert batches[1].good == [3] and "2.jpg" in batches[1].errors[2]
+    assert batches[0].images is not None and tuple(batches[0].images.shape) == (2, 3, 32, 32)
 
 
 @pytest.mark.parametrize("name", ["rotate6.heic", "rotate6.avif"])

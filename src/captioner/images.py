@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import math
 import os
 import stat
@@ -343,26 +344,11 @@ DRAFT_FACTOR = 2
 still has real pixels to average (at 1x, decoding's own box filter would do the whole reduction)."""
 
 
-LARGE_FILE = 2 * 2**20
-"""Bytes: photos whose files are at least this large (a phone's 12-megapixel JPEG is 3 to 5 MB) cost more
-to decode than the model spends on them, so on two cores loader processes pay even though they take
-cores from the model's threads; smaller ones (224 px to 2 megapixels) were read faster in the model's own
-process (benchmarks/run.py's loader sweep: 12 MP 11.2 against 9.4 images/s with two processes, 224 px
-12.2 against 22.4)."""
-
-
-def loader_workers(paths: Sequence[str | os.PathLike], rows: Sequence[int], batch_size: int) -> int:
-    """DataLoader processes that read and decode files while the model works on the previous batch: two
-    where there are cores to spare or the photos are large (the first batch's median file), else none."""
-    if (os.cpu_count() or 1) > 2:
-        return 2
-    sizes = []
-    for r in rows[:batch_size]:
-        try:
-            sizes.append(os.stat(paths[r]).st_size)
-        except (OSError, TypeError, ValueError):  # a bad path: its error comes when it is read
-            pass
-    return 2 if sizes and sorted(sizes)[len(sizes) // 2] >= LARGE_FILE else 0
+def loader_workers() -> int:
+    """DataLoader processes that read and decode files while the model works: two where there are cores
+    to spare; on two cores none, the decoding being done by threads of the model's own process (faster
+    there for 224 px and 12-megapixel photos alike: benchmarks/run.py's loader sweep)."""
+    return 2 if (os.cpu_count() or 1) > 2 else 0
 
 
 def decode_side(pre: Preprocess) -> int:
@@ -463,24 +449,26 @@ def load_batches(
     batch_size: int = 32,
     num_workers: int | None = None,
 ) -> Iterator[ImageBatch]:
-    """Read and preprocess `paths` (or only `rows` of them) in batches, in DataLoader workers while the
-    caller works on the previous batch: what feature extraction, captioning and evaluation all run.
-    `num_workers`: loader processes (default: `loader_workers`)."""
+    """Read and preprocess `paths` (or only `rows` of them) in batches, ahead of the caller's work on the
+    previous batch: what feature extraction, captioning and evaluation all run. `num_workers`: DataLoader
+    processes (default: `loader_workers`); with none, `LOADER_THREADS` threads of this process decode."""
     import torch
-    from torch.utils.data import DataLoader
 
     rows = range(len(paths)) if rows is None else rows
     if num_workers is None:
-        num_workers = loader_workers(paths, rows, batch_size)
+        num_workers = loader_workers()
     if batch_size == 1:  # one image a batch: a second process costs more in hand-offs than it saves
         num_workers = min(num_workers, 1)
-    loader: DataLoader = DataLoader(
-        ImageFiles(paths, rows, pre),  # type: ignore[arg-type]  # map-style: __getitem__ and __len__
-        batch_size=batch_size,
-        num_workers=num_workers if len(rows) > batch_size else 0,  # a worker costs more than one batch
-        collate_fn=_as_list,
-    )
-    for items in loader:
+    files = ImageFiles(paths, rows, pre)
+    if num_workers > 0 and len(rows) > batch_size:  # a process costs more than one batch
+        from torch.utils.data import DataLoader
+
+        batches: Iterator[list] = iter(
+            DataLoader(files, batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list)  # type: ignore[arg-type]
+        )
+    else:
+        batches = _threaded(files, batch_size, LOADER_THREADS)
+    for items in batches:
         good = [(r, x) for r, x in items if isinstance(x, torch.Tensor)]
         yield ImageBatch(
             [r for r, _ in items],
@@ -488,6 +476,35 @@ def load_batches(
             torch.stack([x for _, x in good]) if good else None,
             {r: x for r, x in items if isinstance(x, str)},
         )
+
+
+LOADER_THREADS = 2
+"""Threads that decode ahead of the model in its own process. Pillow and torch let go of the GIL while
+they decode, resize and normalise, so the next batch is read while the model works on this one, without
+a loader process's start-up and hand-offs (benchmarks/run.py's loader sweep)."""
+
+
+def _threaded(files: ImageFiles, batch_size: int, threads: int) -> Iterator[list]:
+    """The items of `files` in batches, in order, decoded by a pool of `threads` up to two batches ahead
+    (no further: a library of 100,000 photos is never all in memory)."""
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="captioner-load")
+    todo = iter(range(len(files)))
+    pending: deque[Future] = deque(
+        pool.submit(files.__getitem__, i) for i in itertools.islice(todo, 2 * batch_size)
+    )
+    try:
+        while pending:
+            batch: list = []
+            while pending and len(batch) < batch_size:
+                batch.append(pending.popleft().result())
+                for i in itertools.islice(todo, 1):
+                    pending.append(pool.submit(files.__getitem__, i))
+            yield batch
+    finally:  # the caller stopped early, or a batch failed: drop what is queued
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _as_list(items: list) -> list:
