@@ -31,12 +31,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--workers", type=int, default=None, help="loader processes (default: the package's)")
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--no-rerank", action="store_true", help="decode without consensus re-ranking")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     paths = sorted(Path(args.images).glob("*.jpg"))[: args.count]
     model = Captioner.from_pretrained(None)
-    options = GenerationOptions(beam_size=args.beam)
+    # only passed when asked: code from before re-ranking has no such option
+    options = GenerationOptions(beam_size=args.beam, **({"rerank": False} if args.no_rerank else {}))
 
     def run() -> list:
         workers = {} if args.workers is None else {"num_workers": args.workers}

@@ -60,16 +60,17 @@ class CiderD:
                 self.df[ngram] += 1
         self.log_n = math.log(float(len(references)))
         self._refs = references
-        self._ref_vectors: dict[int, list] = {}
+        self._ref_vectors: dict[int, tuple] = {}
 
     def _vector(self, counts: dict[tuple[str, ...], int]):
-        vec: list[dict[tuple[str, ...], float]] = [{} for _ in range(NGRAMS)]
+        """(weights {n-gram: tf-idf}, the norm of each order's weights, the length in words)."""
+        vec: dict[tuple[str, ...], float] = {}
         norm = [0.0] * NGRAMS
         length = 0
         for ngram, tf in counts.items():
             n = len(ngram) - 1
             w = float(tf) * (self.log_n - math.log(max(1.0, self.df.get(ngram, 0.0))))
-            vec[n][ngram] = w
+            vec[ngram] = w
             norm[n] += w * w
             if n == 0:
                 length += tf
@@ -79,25 +80,44 @@ class CiderD:
         """CIDEr-D of one caption (a list of words) for reference set `image`."""
         return self.mean_score([image], words)
 
+    def _references(self, image: int):
+        """Reference set `image`: ({n-gram: [(reference, weight), ...]}, [(norms, length) a reference])."""
+        if image not in self._ref_vectors:
+            merged: dict[tuple[str, ...], list[tuple[int, float]]] = defaultdict(list)
+            shapes = []
+            for j, ref in enumerate(self._refs[image]):
+                vec_r, norm_r, length_r = self._vector(_counts(ref, self.count_end))
+                for g, r in vec_r.items():
+                    merged[g].append((j, r))
+                shapes.append((norm_r, length_r))
+            self._ref_vectors[image] = (dict(merged), shapes)
+        return self._ref_vectors[image]
+
     def mean_score(self, images: Sequence[int], words: Sequence[str]) -> float:
-        """The mean CIDEr-D of one caption over several reference sets (its vector made once)."""
+        """The mean CIDEr-D of one caption over several reference sets (its vector made once).
+
+        One lookup per n-gram of the caption and reference set (re-ranking scores every beam candidate
+        against 10 photos' 50 captions, so this is on captioning's critical path); the sums are
+        pycocoevalcap's, term for term, in its order."""
         if not words:
             return 0.0  # nothing said: no reward, whatever the end token would match
         vec, norm, length = self._vector(_counts(words, self.count_end))
         scores = []
         for image in images:
-            if image not in self._ref_vectors:
-                refs = self._refs[image]
-                self._ref_vectors[image] = [self._vector(_counts(r, self.count_end)) for r in refs]
+            merged, shapes = self._references(image)
+            dots = [[0.0] * NGRAMS for _ in shapes]
+            for g, w in vec.items():
+                for j, r in merged.get(g, ()):
+                    dots[j][len(g) - 1] += min(w, r) * r
             total = 0.0
-            for vec_r, norm_r, length_r in self._ref_vectors[image]:
+            for (norm_r, length_r), dot_r in zip(shapes, dots, strict=True):
                 penalty = math.exp(-((length - length_r) ** 2) / (2 * SIGMA**2))
                 for n in range(NGRAMS):
-                    dot = sum(min(w, vec_r[n].get(g, 0.0)) * vec_r[n].get(g, 0.0) for g, w in vec[n].items())
+                    dot = dot_r[n]
                     if norm[n] != 0 and norm_r[n] != 0:
                         dot /= norm[n] * norm_r[n]
                     total += dot * penalty
-            scores.append(10.0 * total / NGRAMS / len(self._ref_vectors[image]))
+            scores.append(10.0 * total / NGRAMS / len(shapes))
         return sum(scores) / len(scores)
 
 
