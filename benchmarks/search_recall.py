@@ -28,7 +28,7 @@ from captioner.search import SEARCH_EMBEDDING, SEARCH_MODEL, PhotoIndex
 from captioner.search.index import joint_id
 
 RANKINGS = {  # name -> options of PhotoIndex._rank
-    "default: captions + embedding (reciprocal rank fusion)": {},
+    "default: embedding + captions (blend)": {},
     "two stages (--rerank): the best 100 re-ranked with P(query | photo), fused": {"rerank": True},
     "two stages, P(query | photo) alone orders the 100": {"rerank": True, "first_stage": 0.0},
     "embedding alone": {"semantic": 0.0, "keyword": 0.0},
@@ -40,18 +40,13 @@ RANKINGS = {  # name -> options of PhotoIndex._rank
     "captions only: semantic + keyword": {"joint": 0.0},
 }
 SWEEP = {  # --sweep: the weights to choose the defaults from, on a dev split
-    **{f"embedding weight {w}, no second stage": {"joint": w} for w in (0.5, 1.0, 4.0, 8.0)},
     **{
-        f"embedding weight {w}, captioner orders": {"joint": w, "rerank": True, "first_stage": 0.0}
-        for w in (1.0, 4.0, 8.0)
+        f"embedding + {c} x captions' cosine + {k} x keyword, no second stage": {"semantic": c, "keyword": k}
+        for c in (0.1, 0.15, 0.2)
+        for k in (0.05, 0.08, 0.12)
     },
     **{
-        f"embedding weight {w}, captioner and first stage fused {f}": {
-            "joint": w,
-            "rerank": True,
-            "first_stage": f,
-        }
-        for w in (2.0, 8.0)
+        f"the same, captioner and first stage fused {f}": {"rerank": True, "first_stage": f}
         for f in (1.0, 3.0)
     },
 }

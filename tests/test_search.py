@@ -136,6 +136,21 @@ def test_fusion_lets_a_keyword_match_overtake():
     assert top[0] == pytest.approx(1.0)  # first in both rankings
 
 
+def test_blend_keeps_the_embeddings_order_unless_a_near_tie():
+    from captioner.search.fusion import blend
+
+    joint = np.array([0.60, 0.50, 0.59])
+    captions = np.array([0.2, 0.9, 0.2])  # the captions prefer photo 1 by far ...
+    score, keyword = blend(joint, captions, [None, None, None])
+    assert list(np.argsort(-score)) == [1, 0, 2]  # ... which weighs 0.15 of them: 0.635 > 0.63
+    score, _ = blend(joint, np.zeros(3), [None, None, 1])
+    assert list(np.argsort(-score)) == [2, 0, 1] and keyword.sum() == 0  # a keyword match breaks a near-tie
+    score, _ = blend(np.array([0.6, 0.4]), np.zeros(2), [None, 1])
+    assert list(np.argsort(-score)) == [0, 1]  # but does not overturn a clear lead
+    alone, _ = blend(joint, captions, [1, None, None], semantic=0.0, keyword=0.0)
+    assert np.array_equal(alone, joint)
+
+
 def test_search_ranks_by_meaning_and_keywords(stored):
     with PhotoIndex(stored) as index:
         hits = index.search("a red circle", top_k=3)

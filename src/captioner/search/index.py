@@ -25,7 +25,15 @@ from captioner.checkpoint import weights_digest
 from captioner.errors import CaptionerError, SearchIndexError
 from captioner.generation import GenerationOptions
 from captioner.search.embedder import EMBEDDER, embed
-from captioner.search.fusion import KEYWORD_WEIGHT, RRF_K, fuse, good_match
+from captioner.search.fusion import (
+    CAPTIONS_BLEND,
+    KEYWORD_BLEND,
+    KEYWORD_WEIGHT,
+    RRF_K,
+    blend,
+    fuse,
+    good_match,
+)
 from captioner.search.likelihood import query_log_likelihood
 
 if TYPE_CHECKING:
@@ -34,7 +42,6 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 4  # 3: visual labels (a column and an FTS5 field); 4: the search embedding (joint)
 LABEL_MIN_P = 0.1  # labels at least this probable are searchable words: below, mostly noise
-JOINT_WEIGHT = 8.0  # of the search embedding's ranking in the first stage (fusion.fuse): chosen on dev
 # The second stage is opt-in (search --rerank): with the search embedding in the first stage it adds recall
 # on Flickr8k dev but costs it on coco-mini, the out-of-domain dev set (the README's search table), and its
 # decoder pass over 100 candidates takes longer than the whole first stage at 100,000 photos.
@@ -527,29 +534,38 @@ class PhotoIndex:
         query: str,
         top_k: int,
         *,
-        joint: float = JOINT_WEIGHT,
-        semantic: float = 1.0,
-        keyword: float = KEYWORD_WEIGHT,
+        joint: float = 1.0,
+        semantic: float | None = None,
+        keyword: float | None = None,
         rerank: bool = RERANK_BY_DEFAULT,
         labels: bool = True,
         first_stage: float = FIRST_STAGE_WEIGHT,
     ) -> list[SearchHit]:
         """`search` with other weights: 0 turns a signal off (keyword alone ranks only the matches),
         rerank=False leaves out the captioner's second stage, labels=False the labels' keywords;
-        first_stage > 0 fuses the first stage's ranking into the second (0: P(query | photo) alone)."""
+        first_stage > 0 fuses the first stage's ranking into the second (0: P(query | photo) alone).
+        With a search embedding (joint > 0) the first stage is fusion.blend, semantic and keyword its
+        weights (default CAPTIONS_BLEND, KEYWORD_BLEND); without one, fusion.fuse's (1.0, KEYWORD_WEIGHT)."""
         with self._lock:
             ids, paths, captions, matrix, photos = self._photos()
+            with_joint = self._joint is not None and photos is not None and joint > 0
+            if semantic is None:
+                semantic = CAPTIONS_BLEND if with_joint else 1.0
+            if keyword is None:
+                keyword = KEYWORD_BLEND if with_joint else KEYWORD_WEIGHT
             matches = self._keyword_ranks(query, labels) if keyword else {}
         if not ids or top_k <= 0:
             return []
         sentence = embed([query])
         similarity = matrix @ sentence[0]
+        keyword_ranks = [matches.get(i) for i in ids]
         joint_similarity = None
-        if self._joint is not None and photos is not None and joint > 0:
+        if with_joint:
+            assert self._joint is not None and photos is not None
             joint_similarity = photos @ self._joint.texts(sentence, [query])[0]
-        score, keyword_term = fuse(
-            similarity, [matches.get(i) for i in ids], semantic, keyword, joint_similarity, joint
-        )
+            score, keyword_term = blend(joint_similarity, similarity, keyword_ranks, joint, semantic, keyword)
+        else:
+            score, keyword_term = fuse(similarity, keyword_ranks, semantic, keyword)
         ranked_by_all = semantic or (joint_similarity is not None)
         order = [i for i in range(len(ids)) if ranked_by_all or keyword_term[i] > 0]
         order.sort(key=lambda i: (-score[i], -similarity[i]))
