@@ -110,7 +110,8 @@ class SearchHit:
     path: str  # absolute path of the photo, as indexed
     caption: str  # its best caption
     # What the ranking used, higher is better: the query's per-word probability as this photo's caption
-    # (exp(likelihood)) when the captioner re-ranked, else the fused caption signals (1.0 = first in both).
+    # (exp(likelihood)) when the captioner re-ranked, else the first stage's: fusion.blend with a search
+    # embedding, else fusion.fuse's fused caption signals (1.0 = first in both).
     score: float
     semantic: float  # cosine similarity of query and captions
     keyword: float  # FTS5 contribution (0 when no keyword matched)
