@@ -12,6 +12,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -360,9 +361,10 @@ def test_threaded_loading_keeps_order_and_reads_at_most_two_batches_ahead() -> N
     first = next(batches)
     assert [r for r, _ in first] == [0, 1, 2, 3]
     assert len(files.read) <= 4 + 2 * 4  # the batch taken and at most two batches queued behind it
-    batches.close()  # the caller stops: nothing more is read
+    batches.close()  # the caller stops: what was queued is dropped, and nothing more is read
     read = len(files.read)
-    assert read < 100 and len(files.read) == read
+    time.sleep(0.05)
+    assert read <= 12 and len(files.read) == read
     files = _Counted(10)
     assert [r for batch in _threaded(files, 4, 3) for r, _ in batch] == list(range(10))  # type: ignore[arg-type]
 
