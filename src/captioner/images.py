@@ -500,8 +500,9 @@ def _threaded(files: ImageFiles, batch_size: int, threads: int) -> Iterator[list
             batch: list = []
             while pending and len(batch) < batch_size:
                 batch.append(pending.popleft().result())
-                for i in itertools.islice(todo, 1):
-                    pending.append(pool.submit(files.__getitem__, i))
+                following = next(todo, None)  # one taken, one queued: the window stays two batches
+                if following is not None:
+                    pending.append(pool.submit(files.__getitem__, following))
             yield batch
     finally:  # the caller stopped early, or a batch failed: drop what is queued
         pool.shutdown(wait=True, cancel_futures=True)

@@ -36,11 +36,10 @@ def fuse(
     depends on the query, and bm25 is unbounded and depends on the collection, so a fixed weighting of the
     raw scores would be wrong for some queries. RRF needs no calibration, and a photo near the top of both
     lists beats one that tops only one. Every photo has a semantic rank; only keyword matches get the
-    keyword term. Keywords
-    weigh half of the captions' meaning: on COCO-mini, with reference captions as the stored captions and
-    the others as queries, equal weights lost 3-8 points of recall@1 against semantic alone, half weights
-    1-4; yet a first keyword rank still lifts a photo past ~60 others. Scaled so that 1.0 means first in
-    all. Returns (score, keyword term).
+    keyword term. Keywords weigh half of the captions' meaning: on COCO-mini, with reference captions as
+    the stored captions and the others as queries, equal weights lost 3-8 points of recall@1 against
+    semantic alone, half weights 1-4; yet a first keyword rank still lifts a photo past ~60 others. Scaled
+    so that 1.0 means first in all. Returns (score, keyword term).
 
     An index with a search embedding ranks by `blend` instead: fused with it by RRF (weight 8, as before),
     RRF's flat top (rank 1 and rank 2 1.6% apart at RRF_K 60) let the weaker caption signals reorder the
