@@ -23,6 +23,11 @@ def ranks_of(scores: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def _keyword_term(keyword_ranks: list[int | None], weight: float) -> np.ndarray:
+    """A keyword match's reciprocal rank term, weight / (RRF_K + rank); 0 for a photo without a match."""
+    return np.array([0.0 if r is None else weight / (RRF_K + r) for r in keyword_ranks])
+
+
 def fuse(
     similarity: np.ndarray,
     keyword_ranks: list[int | None],
@@ -45,7 +50,7 @@ def fuse(
     RRF's flat top (rank 1 and rank 2 1.6% apart at RRF_K 60) let the weaker caption signals reorder the
     embedding's best few (Flickr8k dev recall@1 21.8 against the embedding's own 24.8).
     """
-    keyword_term = np.array([0.0 if r is None else keyword / (RRF_K + r) for r in keyword_ranks])
+    keyword_term = _keyword_term(keyword_ranks, keyword)
     score = semantic / (RRF_K + ranks_of(similarity)) + keyword_term
     total = semantic + keyword
     scale = (RRF_K + 1) / total if total > 0 else 0.0
@@ -66,9 +71,7 @@ def blend(
     cosine, and the captions' cosine is on the same scale (both are unit vectors' dot products); the two
     small weights let the captions and the labels' keywords break the embedding's near-ties, which out of
     domain (coco-mini) is where they add most. Returns (score, keyword term)."""
-    keyword_term = np.array(
-        [0.0 if r is None else keyword * (RRF_K + 1) / (RRF_K + r) for r in keyword_ranks]
-    )
+    keyword_term = (RRF_K + 1) * _keyword_term(keyword_ranks, keyword)
     return joint * joint_similarity + semantic * similarity + keyword_term, keyword_term
 
 

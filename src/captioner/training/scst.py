@@ -60,7 +60,7 @@ class CiderD:
                 self.df[ngram] += 1
         self.log_n = math.log(float(len(references)))
         self._refs = references
-        self._ref_vectors: dict[int, tuple] = {}
+        self._merged_refs: dict[int, tuple] = {}
 
     def _vector(self, counts: dict[tuple[str, ...], int]):
         """(weights {n-gram: tf-idf}, the norm of each order's weights, the length in words)."""
@@ -82,7 +82,7 @@ class CiderD:
 
     def _references(self, image: int):
         """Reference set `image`: ({n-gram: [(reference, weight), ...]}, [(norms, length) a reference])."""
-        if image not in self._ref_vectors:
+        if image not in self._merged_refs:
             merged: dict[tuple[str, ...], list[tuple[int, float]]] = defaultdict(list)
             shapes = []
             for j, ref in enumerate(self._refs[image]):
@@ -90,8 +90,8 @@ class CiderD:
                 for g, r in vec_r.items():
                     merged[g].append((j, r))
                 shapes.append((norm_r, length_r))
-            self._ref_vectors[image] = (dict(merged), shapes)
-        return self._ref_vectors[image]
+            self._merged_refs[image] = (dict(merged), shapes)
+        return self._merged_refs[image]
 
     def mean_score(self, images: Sequence[int], words: Sequence[str]) -> float:
         """The mean CIDEr-D of one caption over several reference sets (its vector made once).
